@@ -1,0 +1,158 @@
+"""ONNX scoring: the head on every event, the text encoder when a review arrives.
+
+Imports onnxruntime and numpy only (no torch). A model whose contract does not match the
+fold is refused with :class:`ContractError`; :class:`HotScorer` keeps the old model serving.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.contract import Contract, ContractError, segment
+from serving.registry import Registry
+
+log = logging.getLogger("clv.scorer")
+MAX_TOKENS = 256  # what all-MiniLM-L6-v2 was trained with (not the tokenizer's 512)
+
+
+def pick_providers(spec: str = "auto") -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if spec != "auto":
+        wanted = [p.strip() for p in spec.split(",") if p.strip()]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise ValueError(f"onnxruntime providers {missing} not available here (have {available})")
+        return wanted
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _session(path: Path, providers: list[str], threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # CUDA-provider fallback warnings are logged by us, once
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise ContractError(f"cannot load ONNX model {path}: {exc}") from exc
+    return sess
+
+
+@dataclass
+class Scores:
+    p_repeat: np.ndarray  # [N]
+    expected_clv: np.ndarray  # [N]
+    quantiles: np.ndarray  # [N, 3]
+    segments: list[str]
+    model_version: str
+
+
+class Scorer:
+    """One loaded model version (head + optional encoder)."""
+
+    def __init__(self, model_dir: Path, providers: list[str] | None = None, threads: int | None = None):
+        model_dir = Path(model_dir)
+        head = model_dir / "head.onnx"
+        if not head.exists():
+            raise ContractError(f"{model_dir} has no head.onnx; train one with `clv train`")
+        self.providers = providers or pick_providers()
+        self.head = _session(head, self.providers, threads)
+        meta = self.head.get_modelmeta().custom_metadata_map
+        self.contract = Contract.from_metadata(meta, source=str(head))
+        self.version = self.contract.model_version
+        names = {i.name for i in self.head.get_inputs()}
+        outs = {o.name for o in self.head.get_outputs()}
+        if names != {"features", "text"} or not {"p_repeat", "expected_clv", "quantiles"} <= outs:
+            raise ContractError(
+                f"{head} has inputs {sorted(names)} / outputs {sorted(outs)}; the contract wants "
+                "inputs features,text and outputs p_repeat,expected_clv,quantiles"
+            )
+        self.encoder = None
+        self.tokenizer = None
+        enc = model_dir / "encoder.onnx"
+        if enc.exists():
+            from tokenizers import Tokenizer
+
+            self.encoder = _session(enc, self.providers, threads)
+            self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+            self.tokenizer.enable_truncation(MAX_TOKENS)
+            self.tokenizer.enable_padding()
+        # a smoke run proves the graph executes before anyone relies on it
+        self.score(np.zeros((1, len(self.contract.feature_names)), np.float32),
+                   np.zeros((1, self.contract.text_dim), np.float32))
+        if self.encoder is not None:
+            self.encode(["smoke test"])
+        log.info("model %s loaded from %s (providers %s, encoder %s)", self.version, model_dir,
+                 self.head.get_providers(), "yes" if self.encoder else "no")
+
+    def score(self, feats: np.ndarray, text: np.ndarray) -> Scores:
+        p, clv, q = self.head.run(
+            ["p_repeat", "expected_clv", "quantiles"],
+            {"features": np.ascontiguousarray(feats, np.float32), "text": np.ascontiguousarray(text, np.float32)},
+        )
+        p = np.asarray(p).reshape(-1)
+        clv = np.asarray(clv).reshape(-1)
+        if not (np.all(np.isfinite(p)) and np.all(np.isfinite(clv))):
+            raise FloatingPointError(f"model {self.version} produced non-finite scores")
+        th = self.contract.thresholds
+        segs = [segment(float(c), float(pp), th) for c, pp in zip(clv, p)]
+        return Scores(p, clv, np.asarray(q).reshape(len(p), -1), segs, self.version)
+
+    def encode(self, texts: list[str]) -> np.ndarray | None:
+        """Embed review texts; None when this model has no encoder."""
+        if self.encoder is None or not texts:
+            return None
+        enc = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in {i.name for i in self.encoder.get_inputs()}:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        (emb,) = self.encoder.run(["embedding"], feeds)
+        return np.asarray(emb, np.float32)
+
+
+class HotScorer:
+    """Serves the registry's champion and swaps to a new one without a restart.
+
+    ``maybe_reload`` is cheap (one small file read); a new champion that fails to load or
+    breaks the contract is refused, logged, and the current model keeps serving.
+    """
+
+    def __init__(self, registry: Registry, providers: list[str] | None = None, threads: int | None = None):
+        self.registry = registry
+        self.providers = providers or pick_providers()
+        self.threads = threads
+        self.current: Scorer | None = None
+        self.refused: dict[str, str] = {}
+        self.on_change = None  # callback(version) for metrics
+        self.maybe_reload()
+
+    def maybe_reload(self) -> bool:
+        v = self.registry.champion()
+        if v is None or (self.current and self.current.version == v) or v in self.refused:
+            return False
+        try:
+            new = Scorer(self.registry.path(v), self.providers, self.threads)
+            if new.version != v:
+                raise ContractError(f"registry folder {v} holds a model stamped {new.version}")
+        except Exception as exc:  # noqa: BLE001 - any broken model is refused, never served
+            self.refused[v] = str(exc)
+            log.error("refusing model %s: %s; still serving %s", v, exc,
+                      self.current.version if self.current else "nothing")
+            return False
+        old = self.current.version if self.current else None
+        self.current = new
+        log.info("now serving model %s (was %s)", v, old)
+        if self.on_change:
+            self.on_change(v)
+        return True

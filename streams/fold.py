@@ -1,0 +1,408 @@
+"""The one pure fold: ``fold(state, event) -> state`` and ``features(state, as_of)``.
+
+No I/O here. The worker applies these online; the trainer replays the archive through the
+very same functions, so train/serve skew cannot happen (tests/unit/test_skew.py proves it).
+
+State is constant-size per user (``State``: a flat list of floats plus a small dedupe
+block). Order-insensitivity, i.e. which fields give the same value whatever order the
+events arrive in:
+
+* exact (up to float rounding): counts, sums, min/max times, decayed click counters
+  (each half-life keeps counters at a reference time = the latest click seen, and an
+  older click is added already decayed), category-diversity bitmask, review count and
+  rating sum, the running review embedding (a mean), mean inter-purchase time
+  (``(last_order - first_order) / (n_orders - 1)``), profile attributes (last writer by
+  event time wins; ties broken by event_id).
+* arrival-order dependent: the inter-purchase-time *spread* (a Welford variance over
+  gaps between consecutive orders in arrival order; a late order that lands between two
+  earlier ones is folded as a gap from the latest order so far, clamped at 0) and the
+  dedupe ring (which ids are remembered).
+
+Idempotence: an event whose ``event_id`` is among the user's last ``RING`` ids, or whose
+source offset is at or below the user's watermark for that topic, leaves the state as it
+is. The watermark makes Kafka redelivery (crash, rebalance) exact; the ring catches a
+producer that publishes the same event twice in a row.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from streams.events import (
+    AGE_BANDS,
+    CHANNELS,
+    CLICK_ACTIONS,
+    GENDERS,
+    REGIONS,
+    Click,
+    Event,
+    Order,
+    Profile,
+    Review,
+)
+
+STATE_VERSION = 1
+DAY = 86400.0
+HALF_LIVES_DAYS = (1.0, 7.0, 30.0)
+RING = 8  # remembered event ids per user
+N_TOPICS = 4  # watermarks: clicks, orders, reviews, profiles
+TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding
+# Static conversion to USD: the fold must stay pure, so rates are versioned with the code.
+FX_TO_USD = {"USD": 1.0, "EUR": 1.08, "GBP": 1.27}
+
+# ---- scalar state layout ---------------------------------------------------------
+_TIME_FIELDS = (
+    "first_ts", "last_ts", "first_order_ts", "last_order_ts", "profile_ts",
+    *(f"ref_ts_{int(h)}d" for h in HALF_LIVES_DAYS),
+)
+_NUM_FIELDS = (
+    "n_events", "n_orders", "sum_amount", "sum_log_amount", "max_amount", "n_items",
+    "ipt_n", "ipt_mean", "ipt_m2",
+    *(f"n_{a}" for a in CLICK_ACTIONS),
+    *(f"dc_{a}_{int(h)}d" for h in HALF_LIVES_DAYS for a in CLICK_ACTIONS),
+    "n_reviews", "sum_rating", "n_neg_reviews", "n_text",
+    "age_band", "gender", "region", "channel",  # code+1, 0 = unknown
+)
+FIELDS = _TIME_FIELDS + _NUM_FIELDS
+IDX = {name: i for i, name in enumerate(FIELDS)}
+_NT = len(_TIME_FIELDS)
+_NN = len(_NUM_FIELDS)
+
+
+def _i(name: str) -> int:
+    return IDX[name]
+
+
+T_FIRST, T_LAST, T_FO, T_LO, T_PROF = (_i(n) for n in _TIME_FIELDS[:5])
+T_REF = tuple(_i(f"ref_ts_{int(h)}d") for h in HALF_LIVES_DAYS)
+N_EV, N_ORD, SUM_AMT, SUM_LOG, MAX_AMT, N_ITEMS = (
+    _i(n) for n in ("n_events", "n_orders", "sum_amount", "sum_log_amount", "max_amount", "n_items")
+)
+IPT_N, IPT_MEAN, IPT_M2 = _i("ipt_n"), _i("ipt_mean"), _i("ipt_m2")
+N_ACT = {a: _i(f"n_{a}") for a in CLICK_ACTIONS}
+DC = {(a, k): _i(f"dc_{a}_{int(h)}d") for k, h in enumerate(HALF_LIVES_DAYS) for a in CLICK_ACTIONS}
+N_REV, SUM_RAT, N_NEG, N_TEXT = (_i(n) for n in ("n_reviews", "sum_rating", "n_neg_reviews", "n_text"))
+P_AGE, P_GEN, P_REG, P_CHAN = (_i(n) for n in ("age_band", "gender", "region", "channel"))
+_LN2 = math.log(2.0)
+_DECAY = tuple(_LN2 / (h * DAY) for h in HALF_LIVES_DAYS)
+_TOPIC_OF = {"click": 0, "order": 1, "review": 2, "profile": 3}
+
+
+@dataclass(slots=True)
+class State:
+    """Per-user state. ``v`` holds the scalars in ``FIELDS`` order."""
+
+    v: list[float] = field(default_factory=lambda: [0.0] * len(FIELDS))
+    cats: int = 0  # 64-bit bitmask of hashed categories seen (diversity)
+    ring: list[int] = field(default_factory=list)  # last RING event-id hashes
+    wm: list[int] = field(default_factory=lambda: [-1] * N_TOPICS)  # offset watermarks
+    profile_eid: int = 0  # tie-break for profile updates with equal ts
+    emb: np.ndarray | None = None  # running mean review embedding (float32), None = no text
+
+    def copy(self) -> "State":
+        return State(
+            list(self.v), self.cats, list(self.ring), list(self.wm), self.profile_eid,
+            None if self.emb is None else self.emb.copy(),
+        )
+
+    def get(self, name: str) -> float:
+        return self.v[IDX[name]]
+
+
+def event_hash(event_id: str) -> int:
+    return int.from_bytes(blake2b(event_id.encode(), digest_size=8).digest(), "little")
+
+
+def _cat_bit(category: str) -> int:
+    return 1 << (blake2b(category.encode(), digest_size=1).digest()[0] & 63)
+
+
+def new_state() -> State:
+    return State()
+
+
+def fold(
+    state: State | None,
+    event: Event,
+    *,
+    emb: Sequence[float] | np.ndarray | None = None,
+    pos: tuple[int, int] | None = None,
+) -> State:
+    """Apply one event. Returns a new state (the input is not modified).
+
+    ``emb``: the review text's embedding (reviews only; filled by the text encoder).
+    ``pos``: ``(topic_index, offset)`` of the Kafka record, for exact redelivery dedupe.
+    """
+    s = new_state() if state is None else state.copy()
+    apply(s, event, emb=emb, pos=pos)
+    return s
+
+
+def apply(
+    s: State,
+    event: Event,
+    *,
+    emb: Sequence[float] | np.ndarray | None = None,
+    pos: tuple[int, int] | None = None,
+) -> bool:
+    """In-place fold (the worker's hot path). Returns False when the event was a duplicate."""
+    if pos is not None:
+        t_idx, offset = pos
+        if offset <= s.wm[t_idx]:
+            return False
+    h = event_hash(event.event_id)
+    if h in s.ring:
+        return False
+    if pos is not None:
+        s.wm[pos[0]] = pos[1]
+    s.ring.append(h)
+    if len(s.ring) > RING:
+        del s.ring[0]
+
+    v = s.v
+    t = event.ts
+    if v[N_EV] == 0 or t < v[T_FIRST]:
+        v[T_FIRST] = t
+    if t > v[T_LAST]:
+        v[T_LAST] = t
+    v[N_EV] += 1
+
+    if isinstance(event, Click):
+        _click(s, event, t)
+    elif isinstance(event, Order):
+        _order(s, event, t)
+    elif isinstance(event, Review):
+        _review(s, event, emb)
+    elif isinstance(event, Profile):
+        _profile(s, event, t, h)
+    return True
+
+
+def _click(s: State, ev: Click, t: float) -> None:
+    v = s.v
+    a = ev.action
+    v[N_ACT[a]] += 1
+    for k, rate in enumerate(_DECAY):
+        ref_i = T_REF[k]
+        ref = v[ref_i]
+        if t >= ref:
+            if ref > 0:
+                f = math.exp(-rate * (t - ref))
+                for act in CLICK_ACTIONS:
+                    v[DC[act, k]] *= f
+            v[ref_i] = t
+            v[DC[a, k]] += 1.0
+        else:
+            v[DC[a, k]] += math.exp(-rate * (ref - t))
+    if ev.category:
+        s.cats |= _cat_bit(ev.category)
+
+
+def _order(s: State, ev: Order, t: float) -> None:
+    v = s.v
+    amt = ev.amount * FX_TO_USD[ev.currency]
+    n = v[N_ORD]
+    if n >= 1:
+        # gap from the latest order so far (arrival order; late orders clamp at 0)
+        gap = max(0.0, t - v[T_LO]) / DAY
+        v[IPT_N] += 1
+        d = gap - v[IPT_MEAN]
+        v[IPT_MEAN] += d / v[IPT_N]
+        v[IPT_M2] += d * (gap - v[IPT_MEAN])
+    if n == 0 or t < v[T_FO]:
+        v[T_FO] = t
+    if n == 0 or t > v[T_LO]:
+        v[T_LO] = t
+    v[N_ORD] = n + 1
+    v[SUM_AMT] += amt
+    v[SUM_LOG] += math.log1p(amt)
+    if amt > v[MAX_AMT]:
+        v[MAX_AMT] = amt
+    v[N_ITEMS] += sum(li.qty for li in ev.items)
+    for li in ev.items:
+        if li.category:
+            s.cats |= _cat_bit(li.category)
+
+
+def _review(s: State, ev: Review, emb) -> None:
+    v = s.v
+    v[N_REV] += 1
+    v[SUM_RAT] += ev.rating
+    if ev.rating <= 2:
+        v[N_NEG] += 1
+    if emb is not None:
+        x = np.asarray(emb, dtype=np.float32)
+        if x.shape != (TEXT_DIM,) or not np.all(np.isfinite(x)):
+            raise ValueError(f"review embedding must be {TEXT_DIM} finite floats, got shape {x.shape}")
+        v[N_TEXT] += 1
+        if s.emb is None:
+            s.emb = x.copy()
+        else:
+            s.emb = s.emb + (x - s.emb) / np.float32(v[N_TEXT])
+
+
+def _profile(s: State, ev: Profile, t: float, h: int) -> None:
+    v = s.v
+    if t < v[T_PROF] or (t == v[T_PROF] and h <= s.profile_eid):
+        return  # an older (or tied, lower-id) update: last writer by event time wins
+    v[T_PROF] = t
+    s.profile_eid = h
+    for idx, val, vocab in (
+        (P_AGE, ev.age_band, AGE_BANDS),
+        (P_GEN, ev.gender, GENDERS),
+        (P_REG, ev.region, REGIONS),
+        (P_CHAN, ev.channel, CHANNELS),
+    ):
+        if val is not None:
+            v[idx] = vocab.index(val) + 1
+
+
+def replay(events: Iterable[tuple[Event, np.ndarray | None]], state: State | None = None) -> State:
+    """Fold a sequence of (event, embedding-or-None) for one user."""
+    s = new_state() if state is None else state.copy()
+    for ev, emb in events:
+        apply(s, ev, emb=emb)
+    return s
+
+
+# ---- features ------------------------------------------------------------------------
+_PROFILE_ONEHOT = (
+    [f"age_{b}" for b in AGE_BANDS]
+    + [f"gender_{g}" for g in GENDERS]
+    + [f"region_{r}" for r in REGIONS]
+    + [f"channel_{c}" for c in CHANNELS]
+)
+FEATURE_NAMES: tuple[str, ...] = (
+    "has_orders", "log_frequency", "repeat_orders", "log_monetary_total", "log_monetary_mean",
+    "log_monetary_max", "mean_log_amount", "recency_days", "tenure_days", "order_age_days",
+    "ipt_mean_days", "ipt_std_days", "log_items_per_order",
+    *(f"log_clicks_{a}_{int(h)}d" for h in HALF_LIVES_DAYS for a in CLICK_ACTIONS),
+    *(f"log_total_{a}" for a in CLICK_ACTIONS),
+    "cart_to_order", "category_diversity", "days_since_last_event",
+    "n_reviews", "mean_rating", "neg_review_share", "has_text",
+    *_PROFILE_ONEHOT,
+)
+N_FEATURES = len(FEATURE_NAMES)
+FEATURE_SCHEMA = f"clv-features-v{STATE_VERSION}-{N_FEATURES}"
+
+
+def features(state: State, as_of: float) -> np.ndarray:
+    """The behaviour/transaction vector the model sees, as of ``as_of`` (epoch seconds)."""
+    out = np.zeros(N_FEATURES, dtype=np.float32)
+    _fill(state, as_of, out)
+    return out
+
+
+def features_batch(states: Sequence[State], as_of: float | Sequence[float]) -> np.ndarray:
+    out = np.zeros((len(states), N_FEATURES), dtype=np.float32)
+    for i, s in enumerate(states):
+        _fill(s, as_of if isinstance(as_of, (int, float)) else as_of[i], out[i])
+    return out
+
+
+def text_vector(state: State) -> np.ndarray:
+    """Running mean review embedding (zeros when the user wrote no review text)."""
+    return np.zeros(TEXT_DIM, np.float32) if state.emb is None else state.emb.astype(np.float32)
+
+
+def text_batch(states: Sequence[State]) -> np.ndarray:
+    out = np.zeros((len(states), TEXT_DIM), dtype=np.float32)
+    for i, s in enumerate(states):
+        if s.emb is not None:
+            out[i] = s.emb
+    return out
+
+
+def _fill(s: State, as_of: float, out: np.ndarray) -> None:
+    v = s.v
+    n = v[N_ORD]
+    f: list[float] = []
+    if n > 0:
+        recency = max(0.0, as_of - v[T_LO]) / DAY
+        order_age = max(0.0, as_of - v[T_FO]) / DAY
+        ipt_mean = (v[T_LO] - v[T_FO]) / DAY / (n - 1) if n > 1 else 0.0
+        ipt_std = math.sqrt(v[IPT_M2] / v[IPT_N]) if v[IPT_N] > 1 else 0.0
+        mean_amt = v[SUM_AMT] / n
+        f += [1.0, math.log1p(n), n - 1, math.log1p(v[SUM_AMT]), math.log1p(mean_amt),
+              math.log1p(v[MAX_AMT]), v[SUM_LOG] / n, recency]
+    else:
+        order_age = ipt_mean = ipt_std = 0.0
+        f += [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    tenure = max(0.0, as_of - v[T_FIRST]) / DAY if v[N_EV] > 0 else 0.0
+    f += [tenure, order_age, ipt_mean, ipt_std, math.log1p(v[N_ITEMS] / n) if n > 0 else 0.0]
+    for k, rate in enumerate(_DECAY):
+        ref = v[T_REF[k]]
+        decay = math.exp(-rate * (as_of - ref)) if as_of > ref else 1.0
+        for a in CLICK_ACTIONS:
+            f.append(math.log1p(v[DC[a, k]] * decay))
+    for a in CLICK_ACTIONS:
+        f.append(math.log1p(v[N_ACT[a]]))
+    f.append(n / (v[N_ACT["cart"]] + 1.0))
+    f.append(float(bin(s.cats).count("1")))
+    f.append(max(0.0, as_of - v[T_LAST]) / DAY if v[N_EV] > 0 else 0.0)
+    nr = v[N_REV]
+    f += [nr, v[SUM_RAT] / nr if nr else 0.0, v[N_NEG] / nr if nr else 0.0, 1.0 if s.emb is not None else 0.0]
+    onehot = [0.0] * len(_PROFILE_ONEHOT)
+    base = 0
+    for idx, vocab in ((P_AGE, AGE_BANDS), (P_GEN, GENDERS), (P_REG, REGIONS), (P_CHAN, CHANNELS)):
+        code = int(v[idx])
+        if code:
+            onehot[base + code - 1] = 1.0
+        base += len(vocab)
+    f += onehot
+    out[:] = f
+
+
+# ---- compact binary codec (what Redis stores) ------------------------------------------
+# header: u8 version, u8 ring length, u8 has_emb, u8 pad | u64 cats | u64 profile_eid
+# | i64 wm[N_TOPICS] | u64 ring[ring_len] | f64 times[_NT] | f32 nums[_NN]
+# The embedding is stored separately (float16) so users without reviews pay nothing.
+_HDR = struct.Struct("<BBBxQQ")
+_WM = struct.Struct(f"<{N_TOPICS}q")
+_TIMES = struct.Struct(f"<{_NT}d")
+_NUMS = struct.Struct(f"<{_NN}f")
+
+
+def encode_state(s: State) -> bytes:
+    ring = s.ring[-RING:]
+    return b"".join((
+        _HDR.pack(STATE_VERSION, len(ring), 1 if s.emb is not None else 0, s.cats, s.profile_eid),
+        _WM.pack(*s.wm),
+        struct.pack(f"<{len(ring)}Q", *ring),
+        _TIMES.pack(*s.v[:_NT]),
+        _NUMS.pack(*s.v[_NT:]),
+    ))
+
+
+class StateDecodeError(ValueError):
+    pass
+
+
+def decode_state(blob: bytes, emb: bytes | None = None) -> State:
+    try:
+        ver, n_ring, has_emb, cats, peid = _HDR.unpack_from(blob, 0)
+        if ver != STATE_VERSION:
+            raise StateDecodeError(
+                f"state blob has version {ver}, this code reads {STATE_VERSION}; run the migration "
+                "or rebuild state by replaying the archive (clv replay)"
+            )
+        off = _HDR.size
+        wm = list(_WM.unpack_from(blob, off)); off += _WM.size
+        ring = list(struct.unpack_from(f"<{n_ring}Q", blob, off)); off += 8 * n_ring
+        times = _TIMES.unpack_from(blob, off); off += _TIMES.size
+        nums = _NUMS.unpack_from(blob, off)
+    except struct.error as exc:
+        raise StateDecodeError(f"corrupt state blob ({len(blob)} bytes): {exc}") from exc
+    vec = None
+    if has_emb and emb:
+        vec = np.frombuffer(emb, dtype=np.float16).astype(np.float32)
+    return State(list(times) + list(nums), cats, ring, wm, peid, vec)
+
+
+def encode_emb(s: State) -> bytes | None:
+    return None if s.emb is None else s.emb.astype(np.float16).tobytes()

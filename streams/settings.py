@@ -1,0 +1,96 @@
+"""The one frozen Settings object. Every knob is an env var with the ``CLV_`` prefix.
+
+Nothing else in the code base reads ``os.environ``: take a ``Settings`` (usually
+``get_settings()``) and pass what you need down.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLV_", frozen=True, extra="ignore")
+
+    # --- Kafka -----------------------------------------------------------
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    topic_clicks: str = "clv.clicks"
+    topic_orders: str = "clv.orders"
+    topic_reviews: str = "clv.reviews"
+    topic_profiles: str = "clv.profiles"
+    topic_scores: str = "clv.scores"
+    topic_dlq: str = "clv.dlq"
+    topic_partitions: int = 4
+    consumer_group: str = "clv-worker"
+
+    # --- Redis -----------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    redis_password: SecretStr | None = None
+    redis_tls_ca: Path | None = None
+    redis_prefix: str = "clv"
+
+    # --- worker ----------------------------------------------------------
+    batch_max: int = 2000
+    batch_within_s: float = 0.05
+    stream_buffer_maxsize: int = 65536
+    retry_backoff_initial_s: float = 0.2
+    retry_backoff_max_s: float = 10.0
+    worker_web_port: int = 6066
+    model_poll_s: float = 5.0
+
+    # --- archive / models -------------------------------------------------
+    data_dir: Path = Path("var")
+    archive_batch_max: int = 50000
+    archive_within_s: float = 5.0
+
+    # --- validation limits -------------------------------------------------
+    max_message_bytes: int = 256 * 1024
+    max_text_chars: int = 5000
+    max_amount: float = 1_000_000.0
+    max_clock_skew_s: float = 24 * 3600.0
+    min_event_ts: float = 631152000.0  # 1990-01-01: older than this is absurd
+
+    # --- API ---------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_token: SecretStr | None = None
+
+    # --- scoring -----------------------------------------------------------
+    onnx_providers: str = Field(
+        "auto", description="'auto' (CUDA first when present, else CPU) or a comma list"
+    )
+    score_horizon_weeks: int = 39
+
+    @field_validator("topic_partitions", "batch_max", "archive_batch_max")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @property
+    def event_topics(self) -> tuple[str, str, str, str]:
+        return (self.topic_clicks, self.topic_orders, self.topic_reviews, self.topic_profiles)
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
