@@ -1,0 +1,229 @@
+"""The Faust worker: two agents over the event topics, in one consumer group.
+
+* ``score`` takes micro-batches (``stream.take_events``), runs ``Pipeline.process`` (decode,
+  fold, Redis, ONNX), publishes rejects to the DLQ and scores to the scores topic, and only
+  then lets Faust ack the batch. Offsets are committed for acked events only, so a commit
+  never runs ahead of state that is not yet in Redis.
+* ``archive`` takes larger batches and writes them to the Parquet archive before acking.
+
+A Kafka message is committed only when both agents acked it. Nothing in a batch raises
+through an agent: bad input goes to the DLQ, a dependency outage is retried with backoff,
+and anything else ends the process (crash-only: a restart redelivers from the last commit,
+which the dedupe markers make safe) rather than ack work that was not done.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Sequence
+
+import orjson
+
+from streams.archive import ArchiveWriter
+from streams.events import Rejection, decode
+from streams.kafka import faust_credentials
+from streams.pipeline import BatchResult, Pipeline, Record, Transient
+from streams.store import RedisStore
+
+log = logging.getLogger("clv.worker")
+EXIT_UNSAFE = 70  # exit code when a batch could not be finished safely
+
+
+def _records(events) -> list[Record]:
+    out = []
+    for e in events:
+        m = e.message
+        out.append(Record(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp))
+    return out
+
+
+class Backoff:
+    def __init__(self, initial: float, maximum: float):
+        self.initial, self.maximum = initial, maximum
+        self.delay = initial
+
+    async def wait(self) -> float:
+        d = self.delay
+        await asyncio.sleep(d)
+        self.delay = min(self.maximum, self.delay * 2)
+        return d
+
+    def reset(self) -> None:
+        self.delay = self.initial
+
+
+class Worker:
+    """Everything the agents need; built once per process."""
+
+    def __init__(self, settings, app, scorer, metrics=None):
+        self.s = settings
+        self.app = app
+        self.scorer = scorer
+        self.metrics = metrics
+        self.store = RedisStore.from_settings(settings)
+        self.pipeline = Pipeline(settings, self.store, scorer)
+        self.archive = ArchiveWriter(settings.archive_dir)
+        self.topic_index = {t: i for i, t in enumerate(settings.event_topics)}
+
+    # ---- scoring agent ---------------------------------------------------------------------
+    async def score_batch(self, events) -> None:
+        await self._guarded(self._score_batch(_records(events)), "score")
+
+    async def _score_batch(self, records: list[Record]) -> None:
+        backoff = Backoff(self.s.retry_backoff_initial_s, self.s.retry_backoff_max_s)
+        while True:
+            try:
+                result = await self.pipeline.process(records)
+                break
+            except Transient as exc:
+                self._retry("redis", exc, backoff.delay)
+                await backoff.wait()
+        backoff.reset()
+        await self._publish(result, backoff)
+        if self.metrics:
+            self.metrics.observe_batch(result, records)
+
+    async def _publish(self, result: BatchResult, backoff: Backoff) -> None:
+        """DLQ first, then scores; wait for the broker's acks before the batch is acked."""
+        while True:
+            try:
+                futs = []
+                send = self.app.producer.send
+                for d in result.dead:
+                    r = d.record
+                    headers = [
+                        ("clv-reason", d.reason.encode()),
+                        ("clv-detail", d.detail.encode()[:2000]),
+                        ("clv-source-topic", r.topic.encode()),
+                        ("clv-source-partition", str(r.partition).encode()),
+                        ("clv-source-offset", str(r.offset).encode()),
+                        ("clv-rejected-at", repr(time.time()).encode()),
+                    ]
+                    futs.append(await send(self.s.topic_dlq, r.key, r.value or b"", None, None, headers))
+                for so in result.scores:
+                    sc = so.score
+                    body = orjson.dumps({
+                        "user_id": so.user_id, "clv": sc.clv, "p_repeat": sc.p_repeat,
+                        "segment": sc.segment, "model_version": sc.model_version,
+                        "scored_at": sc.at, "event_ts": so.event_ts,
+                    })
+                    futs.append(await send(self.s.topic_scores, so.user_id.encode(), body, None, None, None))
+                if futs:
+                    await asyncio.gather(*futs)
+                result.dead.clear()
+                result.scores.clear()
+                return
+            except Exception as exc:  # noqa: BLE001 - broker trouble: retry, never drop
+                self._retry("kafka", exc, backoff.delay)
+                await backoff.wait()
+
+    # ---- archive agent -----------------------------------------------------------------------
+    async def archive_batch(self, events) -> None:
+        await self._guarded(self._archive_batch(_records(events)), "archive")
+
+    async def _archive_batch(self, records: Sequence[Record]) -> None:
+        now = time.time()
+        items = []
+        limits = self.pipeline.limits
+        from streams.pipeline import TOPIC_TYPES
+
+        for r in records:
+            t = self.topic_index.get(r.topic)
+            if t is None:
+                continue
+            ev = decode(r.value, now=now, key=r.key, expect_type=TOPIC_TYPES[t], limits=limits)
+            if not isinstance(ev, Rejection):
+                items.append((r, ev))
+        if not items:
+            return
+        backoff = Backoff(self.s.retry_backoff_initial_s, self.s.retry_backoff_max_s)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(None, self.archive.write, items)
+                return
+            except OSError as exc:  # disk full / read-only: retry, never ack unarchived events
+                self._retry("archive", exc, backoff.delay)
+                await backoff.wait()
+
+    # ---- safety --------------------------------------------------------------------------------
+    async def _guarded(self, coro, what: str) -> None:
+        """Run a batch so that neither cancellation nor a bug acks unfinished work.
+
+        Faust acks a taken batch when the agent moves on or its generator closes. If we are
+        cancelled (shutdown) we finish the batch first (bounded wait); if that is impossible,
+        or an unexpected error escapes, the process exits before anything is acked.
+        """
+        task = asyncio.ensure_future(coro)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=30)
+            except BaseException:  # noqa: BLE001
+                log.critical("shutdown while a %s batch could not finish; exiting without ack", what)
+                os._exit(EXIT_UNSAFE)
+            raise
+        except BaseException:  # noqa: BLE001
+            log.critical("unexpected error in a %s batch; exiting without ack (a restart redelivers)",
+                         what, exc_info=True)
+            os._exit(EXIT_UNSAFE)
+
+    def _retry(self, dependency: str, exc: Exception, delay: float) -> None:
+        log.warning("%s unavailable (%s: %s); retrying in %.1fs", dependency, type(exc).__name__, exc, delay)
+        if self.metrics:
+            self.metrics.retry(dependency)
+
+
+def create_app(settings, scorer=None, metrics=None):
+    """Build the Faust app and its agents for these settings."""
+    import faust
+
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.consumer_group,
+        broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",")],
+        broker_credentials=faust_credentials(settings),
+        key_serializer="raw",
+        value_serializer="raw",
+        stream_buffer_maxsize=settings.stream_buffer_maxsize,
+        stream_ack_cancelled_tasks=False,
+        stream_ack_exceptions=False,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_linger_ms=5,
+        topic_partitions=settings.topic_partitions,
+        topic_disable_leader=True,
+        broker_commit_interval=1.0,
+        web_enabled=False,
+        store="memory://",
+        datadir=str(settings.data_dir / "faust"),
+    )
+    topic = app.topic(*settings.event_topics, key_type=bytes, value_type=bytes, allow_empty=True)
+    worker = Worker(settings, app, scorer, metrics)
+    app.clv = worker  # for tests and the CLI
+
+    @app.agent(topic, name="clv-score", concurrency=1)
+    async def score(stream):
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            await worker.score_batch(events)
+
+    @app.agent(topic, name="clv-archive", concurrency=1)
+    async def archive(stream):
+        async for events in stream.take_events(settings.archive_batch_max, within=settings.archive_within_s):
+            await worker.archive_batch(events)
+
+    @app.timer(settings.model_poll_s)
+    async def reload_model():
+        if scorer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, scorer.maybe_reload)
+
+    @app.task
+    async def on_start():
+        await worker.store.write_meta()
+        if metrics:
+            await metrics.start(app)
+
+    return app

@@ -1,0 +1,63 @@
+"""Stream-side commands: `clv worker`, `clv topics`, `clv replay`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import typer
+
+cli = typer.Typer()
+log = logging.getLogger("clv.cli")
+
+
+@cli.command()
+def worker(
+    loglevel: str = typer.Option("info", help="faust/worker log level"),
+    metrics: bool = typer.Option(True, help="serve Prometheus /metrics on CLV_WORKER_WEB_PORT"),
+) -> None:
+    """Run a scoring worker (Faust agents: score + archive) until stopped (Ctrl-C / SIGTERM)."""
+    import uvloop
+
+    uvloop.install()
+    from faust.worker import Worker as FaustWorker
+
+    from serving.registry import Registry
+    from serving.scorer import HotScorer, pick_providers
+    from streams.app import create_app
+    from streams.kafka import ensure_topics
+    from streams.settings import get_settings
+
+    s = get_settings()
+    try:
+        asyncio.run(ensure_topics(s))
+    except Exception as exc:  # noqa: BLE001
+        raise typer.BadParameter(
+            f"cannot reach Kafka at {s.kafka_bootstrap} ({type(exc).__name__}: {exc}); "
+            "start it with `infra/services.sh start` or set CLV_KAFKA_BOOTSTRAP"
+        ) from exc
+    providers = pick_providers(s.onnx_providers)
+    log.info("onnxruntime providers: %s", providers)
+    scorer = HotScorer(Registry(s.models_dir), providers)
+    if scorer.current is None:
+        log.warning("no model in %s: state is kept, scores appear once `clv train` promotes one",
+                    s.models_dir)
+    m = None
+    if metrics:
+        from serving.metrics import WorkerMetrics
+
+        m = WorkerMetrics(s)
+        scorer.on_change = m.model_changed
+        if scorer.current is not None:
+            m.model_changed(scorer.current.version)
+    app = create_app(s, scorer, m)
+    FaustWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
+@cli.command()
+def topics(partitions: int = typer.Option(0, help="partitions for new topics (0 = CLV_TOPIC_PARTITIONS)")) -> None:
+    """Create the event, scores and DLQ topics if they do not exist."""
+    from streams.kafka import ensure_topics
+    from streams.settings import get_settings
+
+    created = asyncio.run(ensure_topics(get_settings(), partitions or None))
+    typer.echo(f"created: {created or 'nothing (all exist)'}")

@@ -1,0 +1,223 @@
+"""Per-user feature state behind a small interface: Redis for real, memory for unit tests.
+
+Both implementations give the same guarantees (see docs/redis.md):
+* ``load_many`` returns each user's state, embedding and CAS version in one round trip;
+* ``save_many`` writes state + embedding + score + bumped version for many users in one
+  atomic script call, skipping (and returning) users whose version moved since the load.
+The dedupe markers live inside the state blob, so a write changes state and marker together.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from streams.fold import State, decode_state, encode_emb, encode_state
+from streams.keys import F_AT, F_CLV, F_EMB, F_MV, F_P, F_SEG, F_STATE, F_VER, KEYS_VERSION, Keys
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    state: State | None
+    ver: int
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    clv: float
+    p_repeat: float
+    segment: str
+    model_version: str
+    at: float
+
+
+@dataclass(slots=True)
+class Update:
+    user_id: str
+    state: State
+    expected_ver: int
+    score: Score | None = None
+
+
+class FeatureStore(Protocol):
+    async def load_many(self, user_ids: Sequence[str]) -> dict[str, Loaded]: ...
+
+    async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None) -> list[str]:
+        """Write updates atomically; returns user ids whose version moved (not written)."""
+        ...
+
+    async def score_of(self, user_id: str) -> Score | None: ...
+
+
+class MemoryStore:
+    """In-process store with the same semantics (for unit tests and the offline replay)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+        self.top: dict[str, float] = {}
+        self.stats: dict[str, int] = {}
+
+    async def load_many(self, user_ids: Sequence[str]) -> dict[str, Loaded]:
+        out = {}
+        for uid in user_ids:
+            row = self.rows.get(uid)
+            if row is None or F_STATE not in row:
+                out[uid] = Loaded(None, int(row[F_VER]) if row else 0)
+            else:
+                out[uid] = Loaded(decode_state(row[F_STATE], row.get(F_EMB)), int(row[F_VER]))
+        return out
+
+    async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None) -> list[str]:
+        conflicts = []
+        for u in updates:
+            row = self.rows.setdefault(u.user_id, {F_VER: 0})
+            if int(row[F_VER]) != u.expected_ver:
+                conflicts.append(u.user_id)
+                continue
+            row[F_STATE] = encode_state(u.state)
+            emb = encode_emb(u.state)
+            if emb is not None:
+                row[F_EMB] = emb
+            row[F_VER] = int(row[F_VER]) + 1
+            if u.score is not None:
+                s = u.score
+                row.update({F_CLV: s.clv, F_P: s.p_repeat, F_SEG: s.segment, F_MV: s.model_version, F_AT: s.at})
+                self.top[u.user_id] = s.clv
+        for k, v in (stats or {}).items():
+            self.stats[k] = self.stats.get(k, 0) + v
+        return conflicts
+
+    async def score_of(self, user_id: str) -> Score | None:
+        row = self.rows.get(user_id)
+        if not row or F_CLV not in row:
+            return None
+        return Score(float(row[F_CLV]), float(row[F_P]), row[F_SEG], row[F_MV], float(row[F_AT]))
+
+
+# KEYS = user keys..., ARGV = fields. Returns {s, e, ver} per key (false for a missing field).
+_LOAD = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local r = redis.call('HMGET', k, 's', 'e', 'ver')
+  out[#out + 1] = r[1]
+  out[#out + 1] = r[2]
+  out[#out + 1] = r[3]
+end
+return out
+"""
+
+# KEYS[1] = top zset, KEYS[2] = stats hash, KEYS[3..] = user keys.
+# ARGV[1] = number of stats pairs n, then n*(field, incr), then per user 9 values:
+#   user_id, expected_ver, state, emb ('' = keep), clv ('' = no score), p, seg, mv, at
+# Returns the 1-based indexes (into the user list) of users whose ver moved.
+_SAVE = """
+local nstats = tonumber(ARGV[1])
+local a = 2
+for i = 1, nstats do
+  redis.call('HINCRBY', KEYS[2], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+local conflicts = {}
+for i = 3, #KEYS do
+  local k = KEYS[i]
+  local uid, expected = ARGV[a], ARGV[a + 1]
+  local cur = redis.call('HGET', k, 'ver') or '0'
+  if cur ~= expected then
+    conflicts[#conflicts + 1] = i - 2
+  else
+    redis.call('HSET', k, 's', ARGV[a + 2], 'ver', tostring(tonumber(cur) + 1))
+    if ARGV[a + 3] ~= '' then redis.call('HSET', k, 'e', ARGV[a + 3]) end
+    if ARGV[a + 4] ~= '' then
+      redis.call('HSET', k, 'clv', ARGV[a + 4], 'p', ARGV[a + 5], 'seg', ARGV[a + 6],
+                 'mv', ARGV[a + 7], 'at', ARGV[a + 8])
+      redis.call('ZADD', KEYS[1], ARGV[a + 4], uid)
+    end
+  end
+  a = a + 9
+end
+return conflicts
+"""
+
+
+def _f(x: float) -> str:
+    return repr(float(x))
+
+
+class RedisStore:
+    """Redis implementation: one script call to load a batch, one to save it.
+
+    Single-node Redis. On Redis Cluster a multi-key script must stay in one hash slot:
+    group a batch by ``CLUSTER KEYSLOT`` and call the scripts once per slot.
+    """
+
+    def __init__(self, client, prefix: str = "clv"):
+        self.r = client
+        self.keys = Keys(prefix)
+        self._load = client.register_script(_LOAD)
+        self._save = client.register_script(_SAVE)
+
+    @classmethod
+    def from_settings(cls, settings) -> "RedisStore":
+        return cls(redis_client(settings), settings.redis_prefix)
+
+    async def write_meta(self) -> None:
+        from streams.fold import FEATURE_SCHEMA, STATE_VERSION
+
+        await self.r.hset(self.keys.meta, mapping={
+            "keys_version": KEYS_VERSION, "state_version": STATE_VERSION,
+            "feature_schema": FEATURE_SCHEMA, "updated_at": time.time(),
+        })
+
+    async def load_many(self, user_ids: Sequence[str]) -> dict[str, Loaded]:
+        if not user_ids:
+            return {}
+        flat = await self._load(keys=[self.keys.user(u) for u in user_ids])
+        out = {}
+        for i, uid in enumerate(user_ids):
+            s, e, ver = flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]
+            out[uid] = Loaded(decode_state(s, e) if s else None, int(ver) if ver else 0)
+        return out
+
+    async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None) -> list[str]:
+        if not updates and not stats:
+            return []
+        stats = stats or {}
+        argv: list = [len(stats)]
+        for k, v in stats.items():
+            argv += [k, v]
+        keys = [self.keys.top, self.keys.stats]
+        for u in updates:
+            keys.append(self.keys.user(u.user_id))
+            emb = encode_emb(u.state) or b""
+            s = u.score
+            if s is None:
+                argv += [u.user_id, str(u.expected_ver), encode_state(u.state), emb, "", "", "", "", ""]
+            else:
+                argv += [u.user_id, str(u.expected_ver), encode_state(u.state), emb,
+                         _f(s.clv), _f(s.p_repeat), s.segment, s.model_version, _f(s.at)]
+        idx = await self._save(keys=keys, args=argv)
+        return [updates[int(i) - 1].user_id for i in idx]
+
+    async def score_of(self, user_id: str) -> Score | None:
+        vals = await self.r.hmget(self.keys.user(user_id), F_CLV, F_P, F_SEG, F_MV, F_AT)
+        if vals[0] is None:
+            return None
+        return Score(float(vals[0]), float(vals[1]), vals[2].decode(), vals[3].decode(), float(vals[4]))
+
+    async def state_of(self, user_id: str) -> State | None:
+        s, e = await self.r.hmget(self.keys.user(user_id), F_STATE, F_EMB)
+        return decode_state(s, e) if s else None
+
+
+def redis_client(settings, *, sync: bool = False):
+    """A Redis client from Settings (AUTH and TLS included); async unless ``sync``."""
+    import redis
+    import redis.asyncio as aredis
+
+    kw: dict = {"socket_connect_timeout": 5, "socket_timeout": 10, "health_check_interval": 30}
+    if settings.redis_password is not None:
+        kw["password"] = settings.redis_password.get_secret_value()
+    if settings.redis_tls_ca is not None:
+        kw["ssl_ca_certs"] = str(settings.redis_tls_ca)
+    mod = redis if sync else aredis
+    return mod.Redis.from_url(settings.redis_url, **kw)
