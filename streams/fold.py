@@ -11,8 +11,9 @@ events arrive in:
   (each half-life keeps counters at a reference time = the latest click seen, and an
   older click is added already decayed), category-diversity bitmask, review count and
   rating sum, the running review embedding (a mean), mean inter-purchase time
-  (``(last_order - first_order) / (n_orders - 1)``), profile attributes (last writer by
-  event time wins; ties broken by event_id).
+  (``(last_order - first_order) / (n_orders - 1)``), profile attributes (a profile event
+  is a full snapshot of what the user told the shop, absent = unknown; the latest by event
+  time wins, ties broken by event-id hash).
 * arrival-order dependent: the inter-purchase-time *spread* (a Welford variance over
   gaps between consecutive orders in arrival order; a late order that lands between two
   earlier ones is folded as a gap from the latest order so far, clamped at 0) and the
@@ -258,8 +259,7 @@ def _profile(s: State, ev: Profile, t: float, h: int) -> None:
         (P_REG, ev.region, REGIONS),
         (P_CHAN, ev.channel, CHANNELS),
     ):
-        if val is not None:
-            v[idx] = vocab.index(val) + 1
+        v[idx] = 0 if val is None else vocab.index(val) + 1
 
 
 def replay(events: Iterable[tuple[Event, np.ndarray | None]], state: State | None = None) -> State:

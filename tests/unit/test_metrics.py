@@ -1,0 +1,131 @@
+"""Metric names (a contract with the Grafana dashboard), lag arithmetic, the ops page's
+histogram buckets and `clv lag`'s catch-up estimate."""
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from serving import metrics as m
+from serving.cli import catch_up_s, fmt_catch_up
+from serving.lag import PartitionLag, compute_lag, set_gauges
+from serving.ops_page import bucket_edges
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "clv.json"
+REQUIRED = {
+    "clv_events_consumed_total", "clv_events_processed_total", "clv_events_duplicate_total",
+    "clv_dlq_messages_total", "clv_fold_seconds", "clv_score_seconds", "clv_redis_seconds",
+    "clv_batch_size", "clv_event_to_score_seconds", "clv_retries_total", "clv_model_info",
+    "clv_model_refusals_total", "kafka_consumergroup_lag", "kafka_consumergroup_lag_sum",
+    "kafka_topic_partition_current_offset", "kafka_consumergroup_current_offset",
+}
+
+
+def exposed_names() -> set[str]:
+    names = set()
+    for fam in REGISTRY.collect():
+        for s in fam.samples:
+            names.add(s.name)
+    return names
+
+
+def base_names() -> set[str]:
+    """Metric family names as PromQL sees them (counters with _total, info with _info)."""
+    out = set()
+    for fam in REGISTRY.collect():
+        if fam.type == "counter":
+            out.add(fam.name + "_total")
+        elif fam.type == "info":
+            out.add(fam.name + "_info")
+        else:
+            out.add(fam.name)
+    return out
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def test_the_contracted_metric_names_exist():
+    m.prime(["clicks"])
+    assert REQUIRED <= base_names()
+
+
+def test_every_dashboard_query_uses_defined_metrics_and_covers_them_all():
+    defined = base_names()
+    used = set()
+    for expr in dashboard_exprs():
+        for name in re.findall(r"\b((?:clv|kafka)_[a-z_]+)\b", expr):
+            used.add(re.sub(r"_(bucket|sum|count)$", "", name) if name not in defined else name)
+    assert used - defined == set(), "dashboard queries metrics that serving/metrics.py lacks"
+    assert REQUIRED - used == set(), "metrics missing from the dashboard"
+
+
+def test_metrics_server_exposes_the_names_and_labels():
+    port = m.start_metrics_server(0, addr="127.0.0.1")
+    m.EVENTS_CONSUMED.labels(topic="clv.orders").inc(3)
+    m.DLQ_MESSAGES.labels(reason="invalid_json").inc()
+    m.FOLD_SECONDS.observe(0.0003)
+    m.EVENT_TO_SCORE_SECONDS.observe(0.02)
+    m.RETRIES.labels(dependency="redis").inc()
+    m.set_model_version("m-2026")
+    set_gauges("g1", [PartitionLag("clv.orders", 0, 10, 4, 6), PartitionLag("clv.orders", 1, 5, None, 5)])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in (
+        'clv_events_consumed_total{topic="clv.orders"} 3.0',
+        'clv_dlq_messages_total{reason="invalid_json"} 1.0',
+        'clv_fold_seconds_bucket{le="0.0005"} 1.0',
+        'clv_fold_seconds_bucket{le="0.0001"} 0.0',
+        'clv_event_to_score_seconds_bucket{le="0.025"} 1.0',
+        'clv_retries_total{dependency="redis"} 1.0',
+        'clv_model_info{version="m-2026"} 1.0',
+        'kafka_consumergroup_lag{consumergroup="g1",partition="0",topic="clv.orders"} 6.0',
+        'kafka_consumergroup_lag_sum{consumergroup="g1",topic="clv.orders"} 11.0',
+        'kafka_topic_partition_current_offset{partition="1",topic="clv.orders"} 5.0',
+        'kafka_consumergroup_current_offset{consumergroup="g1",partition="1",topic="clv.orders"} -1.0',
+    ):
+        assert line in text, line
+    m.set_model_version("m-2027")  # a reload replaces the label, never adds a second series
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'clv_model_info{version="m-2027"} 1.0' in text and "m-2026" not in text
+
+
+def test_metrics_server_port_taken_says_what_to_do():
+    port = m.start_metrics_server(0, addr="127.0.0.1")
+    with pytest.raises(OSError, match="CLV_WORKER_WEB_PORT"):
+        m.start_metrics_server(port, addr="127.0.0.1")
+
+
+@pytest.mark.parametrize("end, beginning, committed, lag", [
+    (100, 0, 40, 60),
+    (100, 0, 100, 0),
+    (100, 0, None, 100),   # never committed: everything retained
+    (100, 30, None, 70),   # ... which starts at the log start offset
+    (100, 30, 10, 70),     # committed offset already deleted by retention
+    (100, 0, -1, 100),     # -1 from the broker means none
+    (100, 0, 120, 0),      # never negative
+])
+def test_lag_semantics(end, beginning, committed, lag):
+    assert compute_lag(end, beginning, committed) == lag
+
+
+def test_bucket_edges_are_1_2_5_and_cover_the_max():
+    assert bucket_edges(0.5) == [1]
+    assert bucket_edges(7) == [1, 2, 5, 10]
+    assert bucket_edges(10) == [1, 2, 5, 10, 20]  # the max is in [10, 20)
+    e = bucket_edges(4.8e6)
+    assert e[-1] > 4.8e6 and e[-2] <= 4.8e6 and len(e) == 21
+
+
+def test_catch_up_estimate():
+    assert catch_up_s(0, 0, 0) == 0 and fmt_catch_up(0.0, False) == "caught up"
+    assert catch_up_s(1000, 150, 50) == pytest.approx(10)
+    assert catch_up_s(1000, 50, 50) is None
+    assert fmt_catch_up(None, True) == "never (not draining)"
+    assert fmt_catch_up(None, False) == "never (not consuming)"
+    assert fmt_catch_up(600, True) == "10 min" and fmt_catch_up(30, True) == "30 s"
