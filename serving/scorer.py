@@ -135,6 +135,7 @@ class HotScorer:
         self.current: Scorer | None = None
         self.refused: dict[str, str] = {}
         self.on_change = None  # callback(version) for metrics
+        self.on_refuse = None  # callback(version) for metrics
         self.maybe_reload()
 
     def maybe_reload(self) -> bool:
@@ -147,6 +148,8 @@ class HotScorer:
                 raise ContractError(f"registry folder {v} holds a model stamped {new.version}")
         except Exception as exc:  # noqa: BLE001 - any broken model is refused, never served
             self.refused[v] = str(exc)
+            if self.on_refuse:
+                self.on_refuse(v)
             log.error("refusing model %s: %s; still serving %s", v, exc,
                       self.current.version if self.current else "nothing")
             return False

@@ -43,10 +43,11 @@ def worker(
                     s.models_dir)
     m = None
     if metrics:
-        from serving.metrics import WorkerMetrics
+        from streams.observe import WorkerMetrics
 
         m = WorkerMetrics(s)
         scorer.on_change = m.model_changed
+        scorer.on_refuse = m.model_refused
         if scorer.current is not None:
             m.model_changed(scorer.current.version)
     app = create_app(s, scorer, m)

@@ -66,6 +66,8 @@ class BatchResult:
     by_topic: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     valid_events: list[tuple[Record, Event]] = field(default_factory=list)
+    dlq_reasons: dict[str, int] = field(default_factory=dict)
+    score_event_ts: list[float] = field(default_factory=list)  # event times of scored events
 
 
 class Transient(Exception):
@@ -144,6 +146,11 @@ class Pipeline:
         result.timings["total"] = time.perf_counter() - t0
         for rec, _ in result.valid_events:
             result.by_topic[rec.topic] = result.by_topic.get(rec.topic, 0) + 1
+        for d in result.dead:
+            result.dlq_reasons[d.reason] = result.dlq_reasons.get(d.reason, 0) + 1
+        if result.scores:
+            scored = {so.user_id for so in result.scores}
+            result.score_event_ts = [ev.ts for _, ev in result.valid_events if ev.user_id in scored]
         return result
 
     async def _round(self, by_user: dict[str, list], embs, result: BatchResult, first: bool) -> list[str]:

@@ -82,6 +82,17 @@ class Settings(BaseSettings):
     def event_topics(self) -> tuple[str, str, str, str]:
         return (self.topic_clicks, self.topic_orders, self.topic_reviews, self.topic_profiles)
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as CLV_* variables, to start another process with them."""
+        out = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            out[f"CLV_{name.upper()}"] = str(value)
+        return out
+
     @property
     def archive_dir(self) -> Path:
         return self.data_dir / "archive"

@@ -131,7 +131,7 @@ class _Life:
         self.rate = max(1e-9, r.gammavariate(k, cfg.purchase_rate / k) * CHANNEL_FREQ[ch])
         s = cfg.lifetime_shape
         churn_rate = r.gammavariate(s, 1.0 / (cfg.lifetime_days * (s - 1))) if s > 1 else 1 / cfg.lifetime_days
-        life = r.expovariate(churn_rate) * math.exp(0.35 * self.satisfaction) * CHANNEL_LIFE[ch]
+        life = r.expovariate(churn_rate) * math.exp(0.5 * self.satisfaction) * CHANNEL_LIFE[ch]
         self.base_churn = self.churn = signup + life * DAY
         self.spend = (cfg.order_usd * CHANNEL_SPEND[ch] * AGE_SPEND[age]
                       * math.exp(r.gauss(0.0, cfg.spend_sigma)))
