@@ -62,3 +62,37 @@ def topics(partitions: int = typer.Option(0, help="partitions for new topics (0 
 
     created = asyncio.run(ensure_topics(get_settings(), partitions or None))
     typer.echo(f"created: {created or 'nothing (all exist)'}")
+
+
+@cli.command()
+def rescore(
+    now: bool = typer.Option(False, help="score as of now (default: each user's last event time)"),
+) -> None:
+    """Rescore every user in Redis with the registry's champion model."""
+    import time
+
+    from rich.progress import Progress
+
+    from serving.registry import Registry
+    from serving.scorer import Scorer, pick_providers
+    from streams.rescore import rescore_all
+    from streams.settings import get_settings
+    from streams.store import RedisStore
+
+    s = get_settings()
+    reg = Registry(s.models_dir)
+    v = reg.champion()
+    if v is None:
+        raise typer.BadParameter(f"no champion model in {s.models_dir}; run `clv train` first")
+    model = Scorer(reg.path(v), pick_providers(s.onnx_providers))
+
+    async def run() -> int:
+        store = RedisStore.from_settings(s)
+        with Progress() as bar:
+            task = bar.add_task(f"rescoring with {v}", total=None)
+            n = await rescore_all(store, model, as_of=time.time() if now else None,
+                                  progress=lambda k: bar.update(task, completed=k))
+        await store.r.aclose()
+        return n
+
+    typer.echo(f"rescored {asyncio.run(run())} users with model {v}")

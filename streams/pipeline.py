@@ -151,7 +151,24 @@ class Pipeline:
         if result.scores:
             scored = {so.user_id for so in result.scores}
             result.score_event_ts = [ev.ts for _, ev in result.valid_events if ev.user_id in scored]
+        await self._stats(result)
         return result
+
+    async def _stats(self, result: BatchResult) -> None:
+        """Running counters for the ops page (Prometheus has the authoritative ones)."""
+        incr = {"events": result.n_records, "processed": result.n_applied,
+                "duplicates": result.n_duplicates, "dlq": len(result.dead)}
+        for reason, n in result.dlq_reasons.items():
+            incr[f"dlq:{reason}"] = n
+        put = {"ts_last": repr(self.clock())}
+        if result.scores:
+            put["mv"] = result.scores[0].score.model_version
+        try:
+            await self.store.record_stats(incr, put)
+        except Exception as exc:
+            if _is_transient(exc):
+                raise Transient(f"redis stats failed: {exc}") from exc
+            raise
 
     async def _round(self, by_user: dict[str, list], embs, result: BatchResult, first: bool) -> list[str]:
         users = list(by_user)
@@ -189,13 +206,8 @@ class Pipeline:
         scores = self._score(touched, result)
         t3 = time.perf_counter()
         updates = [Update(uid, st, ver, scores.get(uid)) for uid, st, ver, _ in touched]
-        stats = None
-        if first:
-            stats = {"events": result.n_records, "dlq": len(result.dead)}
-            for d in result.dead:
-                stats[f"dlq:{d.reason}"] = stats.get(f"dlq:{d.reason}", 0) + 1
         try:
-            conflicts = await self.store.save_many(updates, stats)
+            conflicts = await self.store.save_many(updates)
         except Exception as exc:
             if _is_transient(exc):
                 raise Transient(f"redis save failed: {exc}") from exc

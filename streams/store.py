@@ -48,6 +48,10 @@ class FeatureStore(Protocol):
 
     async def score_of(self, user_id: str) -> Score | None: ...
 
+    async def record_stats(self, incr: dict[str, int], put: dict[str, str]) -> None:
+        """Bump ops counters (``stats`` hash) in one round trip."""
+        ...
+
 
 class MemoryStore:
     """In-process store with the same semantics (for unit tests and the offline replay)."""
@@ -86,6 +90,11 @@ class MemoryStore:
         for k, v in (stats or {}).items():
             self.stats[k] = self.stats.get(k, 0) + v
         return conflicts
+
+    async def record_stats(self, incr: dict[str, int], put: dict[str, str]) -> None:
+        for k, v in incr.items():
+            self.stats[k] = self.stats.get(k, 0) + v
+        self.stats.update(put)
 
     async def score_of(self, user_id: str) -> Score | None:
         row = self.rows.get(user_id)
@@ -197,6 +206,14 @@ class RedisStore:
                          _f(s.clv), _f(s.p_repeat), s.segment, s.model_version, _f(s.at)]
         idx = await self._save(keys=keys, args=argv)
         return [updates[int(i) - 1].user_id for i in idx]
+
+    async def record_stats(self, incr: dict[str, int], put: dict[str, str]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for k, v in incr.items():
+            if v:
+                pipe.hincrby(self.keys.stats, k, v)
+        pipe.hset(self.keys.stats, mapping=put)
+        await pipe.execute()
 
     async def score_of(self, user_id: str) -> Score | None:
         vals = await self.r.hmget(self.keys.user(user_id), F_CLV, F_P, F_SEG, F_MV, F_AT)

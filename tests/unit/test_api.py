@@ -268,3 +268,37 @@ def test_in_process_client_reads_redis_directly(populated):
     many = lookup_many(["bob", "nobody", "alice"], settings)
     assert set(many) == {"bob", "alice"} and many["bob"]["clv"] == 12.25
     assert lookup_many([], settings) == {}
+
+
+def test_ops_data_reports_redis_contents_and_an_unreachable_kafka(populated):
+    settings, _ = populated  # kafka_bootstrap is 127.0.0.1:1: nothing listens
+    with client(settings) as c:
+        page = c.get("/ops")
+        d = c.get("/ops/data").json()
+    assert page.status_code == 200 and "ops/data" in page.text
+    assert d["lag"]["ok"] is False and "infra/services.sh start" in d["lag"]["error"]
+    assert d["redis"]["ok"] is True
+    assert [u["user_id"] for u in d["top"]] == ["alice", "bob"]
+    assert d["distribution"]["users"] == 2
+    assert sum(b["count"] for b in d["distribution"]["buckets"]) == 2
+    assert d["model"]["latest_written"] == "m-20260101"
+
+
+def test_api_metrics_count_lookups_by_status(populated):
+    settings, _ = populated
+
+    def count(text: str, status: str) -> float:
+        line = f'clv_api_requests_total{{route="lookup",status="{status}"}} '
+        return sum(float(x[len(line):]) for x in text.splitlines() if x.startswith(line))
+
+    with client(settings) as c:
+        before = c.get("/metrics").text
+        c.get("/v1/users/alice/clv")
+        c.get("/v1/users/alice/clv")
+        c.get("/v1/users/nobody/clv")
+        after = c.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    assert count(after.text, "200") == count(before, "200") + 2
+    assert count(after.text, "404") == count(before, "404") + 1
+    assert 'clv_api_request_seconds_bucket{le="0.001",route="lookup"}' in after.text
+    assert "clv_events_consumed" not in after.text  # the worker's metrics are not the API's

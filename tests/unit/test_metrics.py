@@ -22,21 +22,15 @@ REQUIRED = {
     "clv_batch_size", "clv_event_to_score_seconds", "clv_retries_total", "clv_model_info",
     "clv_model_refusals_total", "kafka_consumergroup_lag", "kafka_consumergroup_lag_sum",
     "kafka_topic_partition_current_offset", "kafka_consumergroup_current_offset",
+    "clv_api_requests_total", "clv_api_request_seconds",
 }
 
 
-def exposed_names() -> set[str]:
-    names = set()
-    for fam in REGISTRY.collect():
-        for s in fam.samples:
-            names.add(s.name)
-    return names
-
-
 def base_names() -> set[str]:
-    """Metric family names as PromQL sees them (counters with _total, info with _info)."""
+    """Metric family names as PromQL sees them (counters with _total, info with _info), of
+    the worker's registry and the API's."""
     out = set()
-    for fam in REGISTRY.collect():
+    for fam in [*REGISTRY.collect(), *m.API_REGISTRY.collect()]:
         if fam.type == "counter":
             out.add(fam.name + "_total")
         elif fam.type == "info":

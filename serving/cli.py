@@ -1,0 +1,149 @@
+"""`clv serve` (lookup API + ops page) and `clv lag` (consumer lag straight from Kafka)."""
+from __future__ import annotations
+
+import typer
+
+cli = typer.Typer()
+
+
+@cli.command()
+def serve(
+    host: str = typer.Option(None, help="bind address [default: CLV_API_HOST]"),
+    port: int = typer.Option(None, help="port [default: CLV_API_PORT]"),
+    workers: int = typer.Option(1, help="uvicorn worker processes"),
+    access_log: bool = typer.Option(False, help="log every request (costs latency)"),
+) -> None:
+    """Serve the CLV lookup API, /ops page and /docs (read-only on Redis)."""
+    import uvicorn
+
+    from streams.settings import get_settings
+
+    settings = get_settings()
+    host = host or settings.api_host
+    port = port or settings.api_port
+    typer.echo(f"CLV API on http://{host}:{port}  (docs /docs, ops page /ops)"
+               + ("  bearer token required on /v1" if settings.api_token else ""))
+    uvicorn.run("serving.api:create_app", factory=True, host=host, port=port, workers=workers,
+                loop="uvloop", http=_http_impl(), access_log=access_log, log_level="warning")
+
+
+def _http_impl() -> str:
+    try:
+        import httptools  # noqa: F401
+        return "httptools"
+    except ImportError:
+        return "h11"
+
+
+@cli.command()
+def lag(
+    interval: float = typer.Option(5.0, help="seconds between the two samples (rates)"),
+    topic: list[str] = typer.Option(None, help="topic(s) [default: the four event topics]"),
+    group: str = typer.Option(None, help="consumer group [default: CLV_CONSUMER_GROUP]"),
+) -> None:
+    """Per-partition consumer lag, consume rate and time to catch up, straight from Kafka."""
+    import asyncio
+    import logging
+
+    from rich.console import Console
+
+    from serving.lag import KafkaUnavailable
+    from streams.settings import get_settings
+
+    settings = get_settings()
+    console = Console()
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # we say what failed, once
+    try:
+        first, second, dt = asyncio.run(_two_samples(settings, topic or None, group, interval))
+    except KafkaUnavailable as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    console.print(lag_table(first, second, dt, group or settings.consumer_group))
+    if not second:
+        console.print(f"[yellow]no partitions: none of the topics {', '.join(topic or settings.event_topics)}"
+                      " exist yet (the worker or `clv topics` creates them)[/yellow]")
+
+
+async def _two_samples(settings, topics, group, interval):
+    import time
+
+    from serving.lag import LagReader
+
+    reader = LagReader(settings, topics, group, timeout_s=10.0)
+    try:
+        t0 = time.monotonic()
+        first = await reader.read()
+        if interval > 0:
+            await asyncio_sleep(interval)
+        second = await reader.read()
+        return first, second, time.monotonic() - t0
+    finally:
+        await reader.close()
+
+
+async def asyncio_sleep(s: float) -> None:
+    import asyncio
+
+    from rich.progress import Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("sampling lag"), TimeRemainingColumn(), transient=True) as prog:
+        task = prog.add_task("", total=s)
+        step = 0.25
+        done = 0.0
+        while done < s:
+            await asyncio.sleep(min(step, s - done))
+            done += step
+            prog.update(task, completed=min(done, s))
+
+
+def catch_up_s(lag: int, consumed_per_s: float, produced_per_s: float) -> float | None:
+    """Seconds until lag is 0 at the measured rates; None when it does not shrink."""
+    if lag <= 0:
+        return 0.0
+    drain = consumed_per_s - produced_per_s
+    return lag / drain if drain > 0 else None
+
+
+def fmt_catch_up(seconds: float | None, consuming: bool) -> str:
+    if seconds is None:
+        return "never (not draining)" if consuming else "never (not consuming)"
+    if seconds == 0:
+        return "caught up"
+    s = seconds
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def lag_table(first, second, dt: float, group: str):
+    """A rich Table from two snapshots taken ``dt`` seconds apart."""
+    from rich.table import Table
+
+    before = {(p.topic, p.partition): p for p in first}
+    t = Table(title=f"consumer group {group}", show_footer=True)
+    cols = ("topic", "partition", "end offset", "committed", "lag", "consumed/s", "produced/s",
+            "time to catch up")
+    tot_lag = tot_c = tot_p = 0.0
+    worst: float | None = 0.0
+    rows = []
+    for p in second:
+        b = before.get((p.topic, p.partition))
+        c_rate = pr_rate = 0.0
+        if b is not None and dt > 0:
+            if p.committed is not None:
+                was = b.committed if b.committed is not None else p.beginning
+                c_rate = max(0, p.committed - was) / dt
+            pr_rate = max(0, p.end - b.end) / dt
+        eta = catch_up_s(p.lag, c_rate, pr_rate)
+        worst = None if eta is None or worst is None else max(worst, eta)
+        tot_lag += p.lag
+        tot_c += c_rate
+        tot_p += pr_rate
+        rows.append((p.topic, str(p.partition), f"{p.end:,}",
+                     "none" if p.committed is None else f"{p.committed:,}", f"{p.lag:,}",
+                     f"{c_rate:,.1f}", f"{pr_rate:,.1f}", fmt_catch_up(eta, c_rate > 0)))
+    footers = ("total", "", "", "", f"{int(tot_lag):,}", f"{tot_c:,.1f}", f"{tot_p:,.1f}",
+               fmt_catch_up(worst, tot_c > 0))
+    for name, foot in zip(cols, footers):
+        t.add_column(name, footer=foot, justify="left" if name == "topic" else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
