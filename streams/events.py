@@ -23,7 +23,8 @@ GENDERS = ("female", "male", "other")
 REGIONS = ("north", "south", "east", "west", "abroad")
 CHANNELS = ("organic", "paid_search", "social", "email", "referral")
 
-MAX_TEXT_CHARS = 5000  # the settings value is passed to decode(); this is the schema ceiling
+MAX_TEXT_CHARS = 5000  # default limit (CLV_MAX_TEXT_CHARS); longer texts -> "text_too_long"
+SCHEMA_TEXT_CEILING = 1_000_000  # the schema itself only bounds memory; messages are capped by size
 MAX_LINE_ITEMS = 200
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=False)]
@@ -67,7 +68,7 @@ class Review(_Event):
     type: Literal["review"]
     item_id: Id
     rating: Annotated[int, Field(ge=1, le=5)]
-    text: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)] = ""
+    text: Annotated[str, StringConstraints(max_length=SCHEMA_TEXT_CEILING)] = ""
 
 
 class Profile(_Event):

@@ -7,7 +7,7 @@ that ``streams.events.decode`` must give for them when read from the topic of
 the otherwise-valid bodies, default late 2023) and the year 2100.
 
 Note: with default limits an over-long review text fails the schema (``bad_field``);
-``text_too_long`` only appears when CLV_MAX_TEXT_CHARS is below the schema's 5000.
+``text_too_long``: review text over CLV_MAX_TEXT_CHARS (default 5000).
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def _bad_timestamp(r, uid, ts):
 def _long_text(r, uid, ts):
     d = _body(r, uid, ts, "review")
     d["text"] = "This is far too long. " * r.randint(300, 2000)  # 6.6k-44k chars
-    return _j(d), uid.encode(), "bad_field"  # over the schema's 5000 chars
+    return _j(d), uid.encode(), "text_too_long"  # over CLV_MAX_TEXT_CHARS (5000)
 
 
 def _too_large(r, uid, ts):

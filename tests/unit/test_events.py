@@ -58,7 +58,7 @@ def test_rejections(payload, reason):
 def test_text_limit_and_size_limit():
     big = orjson.dumps({"type": "review", "event_id": "r", "user_id": "u", "ts": 1.75e9, "item_id": "i",
                         "rating": 3, "text": "a" * 6000})
-    assert decode(big, now=NOW).reason == "bad_field"
+    assert decode(big, now=NOW).reason == "text_too_long"
     lim = Limits(max_text_chars=10)
     mid = orjson.dumps({"type": "review", "event_id": "r", "user_id": "u", "ts": 1.75e9, "item_id": "i",
                         "rating": 3, "text": "a" * 50})

@@ -283,7 +283,7 @@ def test_bad_messages_decode_to_their_reason():
         reasons[reason] += 1
     assert set(reasons) == {"invalid_json", "bad_field", "missing_field", "bad_amount",
                             "bad_timestamp", "too_large", "unknown_type",
-                            "unsupported_schema", "key_mismatch", "empty"}
+                            "unsupported_schema", "key_mismatch", "empty", "text_too_long"}
     # bodies carry the given event time, so they fit a stream from any period
     old = bad_messages(random.Random(2), 300, ts=1.0e9)
     assert all(decode(m.raw, now=1.0e9, key=m.key, expect_type=m.kind).reason == m.reason
