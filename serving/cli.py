@@ -40,6 +40,7 @@ def lag(
     interval: float = typer.Option(5.0, help="seconds between the two samples (rates)"),
     topic: list[str] = typer.Option(None, help="topic(s) [default: the four event topics]"),
     group: str = typer.Option(None, help="consumer group [default: CLV_CONSUMER_GROUP]"),
+    wait: float = typer.Option(0.0, help="first wait up to this many seconds for lag 0 on every partition"),
 ) -> None:
     """Per-partition consumer lag, consume rate and time to catch up, straight from Kafka."""
     import asyncio
@@ -54,6 +55,10 @@ def lag(
     console = Console()
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # we say what failed, once
     try:
+        if wait > 0:
+            waited = asyncio.run(_wait_zero(settings, topic or None, group, wait))
+            console.print(f"caught up in {waited:.1f}s" if waited is not None
+                          else f"[yellow]still lagging after {wait:.0f}s[/yellow]")
         first, second, dt = asyncio.run(_two_samples(settings, topic or None, group, interval))
     except KafkaUnavailable as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -62,6 +67,79 @@ def lag(
     if not second:
         console.print(f"[yellow]no partitions: none of the topics {', '.join(topic or settings.event_topics)}"
                       " exist yet (the worker or `clv topics` creates them)[/yellow]")
+
+
+async def _wait_zero(settings, topics, group, timeout: float) -> float | None:
+    """Seconds until every partition has lag 0 and a commit (None on timeout)."""
+    import asyncio
+    import time
+
+    from serving.lag import LagReader
+
+    reader = LagReader(settings, topics, group, timeout_s=10.0)
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < timeout:
+            lags = await reader.read()
+            if lags and all(pl.lag == 0 and (pl.committed is not None or pl.end == 0) for pl in lags):
+                return time.monotonic() - t0
+            await asyncio.sleep(1.0)
+        return None
+    finally:
+        await reader.close()
+
+
+@cli.command()
+def top(n: int = typer.Option(10, help="how many users")) -> None:
+    """The top users by expected CLV, straight from Redis."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from serving.client import _sync_redis, lookup_many
+    from streams.keys import Keys
+    from streams.settings import get_settings
+
+    s = get_settings()
+    r = _sync_redis(s)
+    keys = Keys(s.redis_prefix)
+    rows = r.zrevrange(keys.top, 0, n - 1, withscores=True)
+    total = r.zcard(keys.top)
+    found = lookup_many([u.decode() for u, _ in rows], s)
+    t = Table(title=f"top {len(rows)} of {total} scored users by expected CLV")
+    for col in ("user", "expected CLV", "P(buy again)", "segment", "model"):
+        t.add_column(col)
+    for u, clv in rows:
+        rec = found.get(u.decode(), {})
+        t.add_row(u.decode(), f"{clv:,.2f}", f"{rec.get('p_repeat', float('nan')):.2f}",
+                  str(rec.get("segment")), str(rec.get("model_version")))
+    Console().print(t)
+
+
+@cli.command()
+def lookup(user_id: str, features: bool = typer.Option(False, help="also show the feature vector")) -> None:
+    """One user's CLV as a lookup service sees it (Redis, no API needed)."""
+    import json
+
+    from serving.client import lookup as _lookup
+    from streams.settings import get_settings
+
+    s = get_settings()
+    rec = _lookup(user_id, s)
+    if rec is None:
+        typer.echo(f"no score for user {user_id!r} (unknown user, or not scored yet)", err=True)
+        raise typer.Exit(1)
+    if features:
+        import time
+
+        from serving.client import _sync_redis
+        from streams.fold import FEATURE_NAMES, decode_state, features as feats
+        from streams.keys import Keys
+
+        blob, emb = _sync_redis(s).hmget(Keys(s.redis_prefix).user(user_id), "s", "e")
+        if blob:
+            st = decode_state(blob, emb)
+            rec["features"] = dict(zip(FEATURE_NAMES, (round(float(x), 4) for x in feats(st, time.time()))))
+    typer.echo(json.dumps(rec, indent=2))
 
 
 async def _two_samples(settings, topics, group, interval):
