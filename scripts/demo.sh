@@ -59,10 +59,9 @@ grep -E "now serving model" "$CLV_DATA_DIR/worker.log" | tail -1 || true
 say "rescoring every user with the promoted model"
 $CLV rescore
 
-LIVE_START=$(date -u +%Y-%m-%d)
 say "live: $LIVE events at $RATE/s, scored as they arrive"
-$CLV simulate --users "$USERS" --days 30 --start "$LIVE_START" --seed 8 --to-kafka --rate "$RATE" \
-  --limit "$LIVE" --no-progress
+$CLV simulate --users "$USERS" --days 365 --start "$START" --seed 8 --to-kafka --rate "$RATE" \
+  --limit "$LIVE" --live --no-progress
 $CLV lag --wait 300 --interval 2
 
 say "top users by expected CLV"

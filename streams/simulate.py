@@ -43,6 +43,18 @@ def _counted(messages: Iterable[Message], tally: Counter) -> Iterator[Message]:
         yield m
 
 
+def _restamped(messages: Iterable[Message]) -> Iterator[Message]:
+    """Live mode: event time = the moment the message is handed to the producer."""
+    import orjson
+
+    for m in messages:
+        if m.label in (EVENT, DUPLICATE) and m.value:
+            obj = orjson.loads(m.value)
+            obj["ts"] = round(time.time(), 6)
+            m = m._replace(value=orjson.dumps(obj))
+        yield m
+
+
 def _tee(messages: Iterable[Message], fh) -> Iterator[Message]:
     for m in messages:
         write_jsonl((m,), fh)
@@ -70,6 +82,8 @@ def simulate_command(
     truth: Optional[Path] = typer.Option(
         None, "--truth", help="write each user's hidden traits and orders as JSON lines"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    live: bool = typer.Option(False, "--live",
+                              help="stamp each event with the wall clock as it is sent (a live feed)"),
 ) -> None:
     """Generate a realistic, seeded event stream (with known ground truth) to a file or Kafka."""
     from rich.console import Console
@@ -86,7 +100,7 @@ def simulate_command(
         sim = simulate(users, start, days, seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if sim.end > time.time() + settings.max_clock_skew_s:
+    if not live and sim.end > time.time() + settings.max_clock_skew_s:
         console.print(f"[yellow]warning:[/] the span ends after now + {settings.max_clock_skew_s:.0f}s; "
                       "the worker will reject those events as bad_timestamp (use an earlier --start)")
     if not out and not to_kafka:
@@ -95,6 +109,8 @@ def simulate_command(
     tally: Counter = Counter()
     msgs = _counted(mix(sim.iter_wire(limit), duplicates=duplicates, bad=bad, seed=seed,
                         users=users), tally)
+    if live:
+        msgs = _restamped(msgs)
     bar = tqdm(total=None, unit="msg", unit_scale=True, disable=not progress, file=sys.stderr,
                desc="simulate")
     t0 = time.perf_counter()
