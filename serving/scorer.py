@@ -29,7 +29,17 @@ def pick_providers(spec: str = "auto") -> list[str]:
         if missing:
             raise ValueError(f"onnxruntime providers {missing} not available here (have {available})")
         return wanted
+    # onnxruntime-gpu lists CUDA even on machines without a GPU (and then logs an error on
+    # every session it falls back for), so only ask for it when a driver is actually present.
+    if not _gpu_present():
+        available = [p for p in available if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _gpu_present() -> bool:
+    import ctypes.util
+
+    return os.path.exists("/dev/nvidiactl") or ctypes.util.find_library("cuda") is not None
 
 
 def _session(path: Path, providers: list[str], threads: int | None = None):

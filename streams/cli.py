@@ -36,7 +36,7 @@ def worker(
             "start it with `infra/services.sh start` or set CLV_KAFKA_BOOTSTRAP"
         ) from exc
     providers = pick_providers(s.onnx_providers)
-    log.info("onnxruntime providers: %s", providers)
+    log.info("onnxruntime providers (in preference order): %s", providers)
     scorer = HotScorer(Registry(s.models_dir), providers)
     if scorer.current is None:
         log.warning("no model in %s: state is kept, scores appear once `clv train` promotes one",
