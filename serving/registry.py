@@ -43,6 +43,19 @@ class Registry:
         f = self.path(version) / "card.json"
         return json.loads(f.read_text()) if f.exists() else {}
 
+    def register(self, src: Path, version: str, reason: str = "") -> Path:
+        """Move a finished model folder (on the same filesystem) in as ``version``, atomically:
+        a reader never sees a half-written model. Refuses to overwrite an existing version."""
+        src, dst = Path(src), self.path(version)
+        if not (src / "head.onnx").exists():
+            raise FileNotFoundError(f"{src} has no head.onnx; export the model before registering it")
+        if dst.exists():
+            raise FileExistsError(f"model {version} is already registered under {self.root}; pick a new version")
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        self.log("registered", version, reason)
+        return dst
+
     def set_champion(self, version: str, reason: str = "") -> None:
         if not (self.path(version) / "head.onnx").exists():
             raise FileNotFoundError(f"no model {version} under {self.root}; run `clv train` first")

@@ -190,3 +190,55 @@ def test_model_backtest_on_cdnow_sample_without_leakage():
     b = run_backtest(_perturb_after(tx, cut), cut, 273.0, model=True, cfg=cfg, n_boot=0, n_train_cutoffs=1,
                      baselines=(), progress=False)
     np.testing.assert_allclose(b.models[0].expected, model.expected, rtol=1e-5)
+
+
+# ---- --events sources ----------------------------------------------------------------------------
+def _side_events():
+    from streams.events import parse
+
+    base = pd.Timestamp("1997-03-01", tz="UTC").timestamp()
+    return [
+        parse({"type": "click", "event_id": "c1", "user_id": "0001", "ts": base, "action": "view"}),
+        parse({"type": "review", "event_id": "r1", "user_id": "0001", "ts": base + 60, "item_id": "i",
+               "rating": 5, "text": "Will order again."}),
+        parse({"type": "order", "event_id": "o1", "user_id": "0001", "ts": base + 120, "order_id": "o1", "amount": 3.0}),
+        parse({"type": "profile", "event_id": "p1", "user_id": "0002", "ts": base, "channel": "email"}),
+    ]
+
+
+def test_load_side_events_from_jsonl_drops_orders(tmp_path):
+    from streams.events import encode
+    from training.backtest import load_side_events
+
+    p = tmp_path / "events.jsonl"
+    p.write_bytes(b"".join(encode(e) + b"\n" for e in _side_events()) + b"not json\n")
+    evs, counts = load_side_events(p)
+    assert counts == {"click": 1, "review": 1, "order": 1, "profile": 1}
+    assert sorted(e.type for e in evs) == ["click", "profile", "review"]
+    # a directory of JSONL files reads the same
+    evs2, _ = load_side_events(tmp_path)
+    assert sorted(e.event_id for e in evs2) == sorted(e.event_id for e in evs)
+
+
+def test_load_side_events_from_archive_dir(tmp_path):
+    from streams.archive import ArchiveWriter
+    from streams.events import encode
+    from streams.pipeline import Record
+    from training.backtest import load_side_events
+
+    evs = _side_events()
+    items = [(Record(f"clv.{e.type}s", 0, i, e.user_id.encode(), encode(e)), e) for i, e in enumerate(evs)]
+    ArchiveWriter(tmp_path / "archive").write(items + items[:2])  # redelivered duplicates too
+    got, counts = load_side_events(tmp_path / "archive")
+    assert counts == {"click": 1, "review": 1, "order": 1, "profile": 1}
+    assert {e.event_id for e in got} == {"c1", "r1", "p1"}
+
+
+def test_load_side_events_missing(tmp_path):
+    from training.backtest import load_side_events
+
+    with pytest.raises(InputError, match="does not exist"):
+        load_side_events(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no archive"):
+        load_side_events(tmp_path / "empty")

@@ -1,0 +1,311 @@
+"""The periodic trainer: archive (or JSONL) -> point-in-time sets -> fit -> hold-out
+evaluation -> ONNX export -> registry -> promotion if the challenger is at least as good.
+
+Time split (``plan``): with ``T`` the last event time and ``h`` the horizon, the hold-out
+cutoff is ``T - h`` (its labels are complete) and training cutoffs are ``T - 2h``,
+``T - 2h - step``, ... so every training label ends before the hold-out starts. When the
+data are shorter than about two horizons, the hold-out is a random 20 % of the users at
+``T - h`` instead (recorded as ``holdout: user_split`` in the card).
+
+Promotion (``Policy``): challenger and champion are scored through their ONNX graphs
+(``serving.scorer.Scorer``, each with its own text encoder) on the same newest hold-out.
+The challenger is promoted when its normalised Gini is at least the champion's (minus
+``gini_tolerance``) and its decile MAPE is not worse by more than ``mape_tolerance``. A
+challenger that does not load or breaks the contract is refused; a champion that no
+longer loads (contract changed) is replaced by any challenger that does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from serving.registry import Registry
+from streams.fold import DAY
+from training.dataset import Examples, build_many, model_inputs, read_jsonl, sorted_events
+
+log = logging.getLogger("clv.trainer")
+HOLDOUT_USER_SHARE = 0.2
+
+
+@dataclass
+class Policy:
+    gini_tolerance: float = 0.0  # challenger Gini >= champion Gini - this
+    mape_tolerance: float = 0.02  # challenger decile MAPE <= champion's + this
+
+    def decide(self, challenger: dict, champion: dict | None) -> tuple[bool, str]:
+        g, m = challenger.get("gini"), challenger.get("decile_mape")
+        if g is None or not math.isfinite(g):
+            return False, "challenger has no finite Gini on the hold-out (no buyers in it?)"
+        if champion is None:
+            return True, "no champion to beat"
+        cg, cm = champion.get("gini"), champion.get("decile_mape")
+        if cg is None or not math.isfinite(cg):
+            return True, "champion has no finite Gini on this hold-out"
+        if g < cg - self.gini_tolerance:
+            return False, f"Gini {g:.4f} < champion {cg:.4f} (tolerance {self.gini_tolerance})"
+        if m is not None and cm is not None and math.isfinite(m) and math.isfinite(cm) and m > cm + self.mape_tolerance:
+            return False, f"decile MAPE {m:.4f} > champion {cm:.4f} + {self.mape_tolerance}"
+        return True, f"Gini {g:.4f} vs champion {cg:.4f}, decile MAPE {m:.4f} vs {cm:.4f}"
+
+
+@dataclass
+class Job:
+    """What one training run does (``clv train`` options)."""
+
+    horizon_weeks: int = 39
+    events_file: Path | None = None  # JSONL of wire-format events; None: the archive
+    n_cutoffs: int = 3  # training cutoffs (more rows; labels all end before the hold-out)
+    step_days: float = 28.0
+    min_history_days: float = 14.0  # a cutoff needs this much data before it
+    users: str = "all"  # "all": anyone seen (the stream scores everyone); "active": buyers
+    promote: bool = True
+    policy: Policy = field(default_factory=Policy)
+    cfg: object = None  # training.train.TrainConfig
+
+    @property
+    def horizon_days(self) -> float:
+        return 7.0 * self.horizon_weeks
+
+
+@dataclass
+class Plan:
+    train_cutoffs: list[float]
+    holdout_cutoff: float
+    holdout: str  # "temporal" or "user_split"
+
+
+@dataclass
+class Outcome:
+    version: str
+    model_dir: Path
+    metrics: dict
+    champion: str | None
+    champion_metrics: dict | None
+    promoted: bool
+    reason: str
+    seconds: float
+
+
+def plan(t_first: float, t_last: float, horizon_days: float, n_cutoffs: int = 3,
+         step_days: float = 28.0, min_history_days: float = 14.0) -> Plan:
+    h = horizon_days * DAY
+    hold = t_last - h
+    if hold - t_first < min_history_days * DAY:
+        span = (t_last - t_first) / DAY
+        raise ValueError(
+            f"the events span {span:.0f} days, too short for a {horizon_days:.0f}-day horizon plus "
+            f"{min_history_days:.0f} days of history; use a shorter --horizon-weeks or more data"
+        )
+    cuts = [hold - h - k * step_days * DAY for k in range(max(1, n_cutoffs))]
+    cuts = [c for c in cuts if c - t_first >= min_history_days * DAY]
+    if cuts:
+        return Plan(sorted(cuts), hold, "temporal")
+    return Plan([hold], hold, "user_split")
+
+
+def load_events(settings, events_file: Path | None) -> list:
+    if events_file is not None:
+        return sorted_events(read_jsonl(Path(events_file)))
+    from streams import archive
+
+    root = settings.archive_dir
+    if not archive.files(root):
+        raise FileNotFoundError(
+            f"no archived events under {root}; run the worker's archiver, or train from a file: "
+            "clv train --events FILE.jsonl (clv simulate --out FILE.jsonl writes one)"
+        )
+    return list(archive.read_events(root))
+
+
+def new_version(seed_text: str = "") -> str:
+    now = time.gmtime()
+    h = hashlib.sha256(f"{seed_text}|{time.time_ns()}".encode()).hexdigest()[:6]
+    return time.strftime("%Y%m%dT%H%MZ", now) + "-" + h
+
+
+def _split(ex: Examples, share: float, seed: int) -> tuple[Examples, Examples]:
+    rng = np.random.default_rng(seed + 7919)
+    hold = rng.random(len(ex)) < share
+    return ex.subset(np.flatnonzero(~hold)), ex.subset(np.flatnonzero(hold))
+
+
+def score_onnx(scorer, ex: Examples):
+    """p_repeat, expected_clv from a loaded ``serving.scorer.Scorer`` (its own encoder)."""
+    encode = scorer.encode if scorer.encoder is not None else None
+    feats, text = model_inputs(ex, encode)
+    s = scorer.score(feats, text)
+    return s.p_repeat, s.expected_clv
+
+
+def holdout_metrics(y: np.ndarray, p: np.ndarray, ev: np.ndarray) -> dict:
+    from training.evaluate import all_metrics
+
+    m = all_metrics(y, ev, p)
+    m.update({"users": int(len(y)), "buyers": int((y > 0).sum()), "actual_total": float(y.sum()),
+              "predicted_total": float(ev.sum())})
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
+
+
+def _providers() -> list[str]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            from serving.scorer import pick_providers
+
+            return pick_providers()
+    except ImportError:
+        pass
+    return ["CPUExecutionProvider"]
+
+
+def train_once(settings, job: Job, registry: Registry | None = None) -> Outcome:
+    """One full cycle; returns what happened (raises on bad input or a failed export)."""
+    from serving.contract import ContractError
+    from serving.scorer import Scorer
+    from training.export import write_card
+    from training.train import TrainConfig, fit
+
+    t0 = time.perf_counter()
+    cfg = job.cfg or TrainConfig()
+    if cfg.cache_dir is None:
+        cfg = dataclasses.replace(cfg, cache_dir=str(settings.data_dir / "cache"))
+    registry = registry or Registry(settings.models_dir)
+    src = str(job.events_file) if job.events_file else str(settings.archive_dir)
+    log.info("reading events from %s", src)
+    events = load_events(settings, job.events_file)
+    if not events:
+        raise ValueError(f"{src} holds no valid events; nothing to train on")
+    t_first, t_last = events[0].ts, events[-1].ts
+    p = plan(t_first, t_last, job.horizon_days, job.n_cutoffs, job.step_days, job.min_history_days)
+    log.info("%d events, %s .. %s; hold-out cutoff %s (%s), training cutoffs %s", len(events),
+             _day(t_first), _day(t_last), _day(p.holdout_cutoff), p.holdout, [_day(c) for c in p.train_cutoffs])
+    cutoffs = sorted(set(p.train_cutoffs) | {p.holdout_cutoff})
+    parts = dict(zip(cutoffs, build_many(events, cutoffs, job.horizon_days, encode=None, users=job.users)))
+    holdout = parts[p.holdout_cutoff]
+    if p.holdout == "temporal":
+        train_parts = [parts[c] for c in p.train_cutoffs]
+    else:
+        train_part, holdout = _split(holdout, HOLDOUT_USER_SHARE, cfg.seed)
+        train_parts = [train_part]
+    log.info("training rows %s, hold-out users %d (%d buyers)", [len(x) for x in train_parts], len(holdout),
+             int((holdout.label > 0).sum()))
+    fitted = fit(train_parts, cfg)
+
+    version = new_version(f"{src}|{t_last}|{cfg}")
+    staging = settings.data_dir / "staging" / version
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fitted.export(staging, version, job.horizon_weeks, cache_dir=Path(cfg.cache_dir))
+        providers = _providers()
+        challenger = Scorer(staging, providers=providers)  # proves it loads under the contract
+        pr, ev = score_onnx(challenger, holdout)
+        metrics = holdout_metrics(holdout.label, pr, ev)
+        card = _read_card(staging)
+        card.update({
+            "metrics": metrics,
+            "data": {"source": src, "events": len(events), "first_ts": t_first, "last_ts": t_last,
+                     "holdout": p.holdout, "holdout_cutoff": p.holdout_cutoff,
+                     "train_cutoffs": p.train_cutoffs, "users": job.users},
+        })
+        write_card(staging, card)
+        registry.register(staging, version, "trained")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("model %s: hold-out Gini %.4f, decile MAPE %.4f, AUC %.4f (%d users)", version,
+             metrics["gini"] or float("nan"), metrics["decile_mape"] or float("nan"),
+             metrics["auc"] or float("nan"), metrics["users"])
+
+    champ = registry.champion()
+    champ_metrics = None
+    if champ is not None and champ != version:
+        try:
+            cp, cev = score_onnx(Scorer(registry.path(champ), providers=providers), holdout)
+            champ_metrics = holdout_metrics(holdout.label, cp, cev)
+            log.info("champion %s on the same hold-out: Gini %.4f, decile MAPE %.4f", champ,
+                     champ_metrics["gini"] or float("nan"), champ_metrics["decile_mape"] or float("nan"))
+        except (ContractError, OSError) as exc:
+            log.warning("champion %s cannot be scored any more (%s); any loadable challenger replaces it", champ, exc)
+    ok, reason = job.policy.decide(metrics, champ_metrics)
+    promoted = False
+    if ok and job.promote:
+        registry.set_champion(version, reason)
+        promoted = True
+        log.info("promoted %s: %s", version, reason)
+    elif ok:
+        registry.log("not_promoted", version, f"--no-promote ({reason})", metrics=metrics)
+        log.info("kept %s as champion (--no-promote); %s would qualify: %s", champ, version, reason)
+    else:
+        registry.log("rejected", version, reason, metrics=metrics, champion=champ, champion_metrics=champ_metrics)
+        log.info("kept champion %s; challenger %s rejected: %s", champ, version, reason)
+    card = registry.card(version)
+    card["promotion"] = {"promoted": promoted, "reason": reason, "champion_before": champ,
+                         "champion_metrics": champ_metrics}
+    write_card(registry.path(version), card)
+    return Outcome(version, registry.path(version), metrics, champ, champ_metrics, promoted, reason,
+                   round(time.perf_counter() - t0, 1))
+
+
+def _read_card(d: Path) -> dict:
+    import json
+
+    return json.loads((Path(d) / "card.json").read_text())
+
+
+def _day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def parse_every(text: str) -> float:
+    """'6h', '30m', '90s', '1d', '1h30m' or plain seconds -> seconds."""
+    import re
+
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        secs = float(s)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", s)
+        if not parts or "".join(f"{a}{b}" for a, b in parts) != s.replace(" ", ""):
+            raise ValueError(f"--every {text!r} is not a period; write e.g. 6h, 30m, 90s or 1d")
+        secs = sum(float(a) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
+    if secs <= 0:
+        raise ValueError(f"--every {text!r} must be positive")
+    return secs
+
+
+def run_forever(settings, job: Job, every_s: float, *, stop: threading.Event | None = None,
+                max_runs: int | None = None, once: Callable = train_once) -> int:
+    """Train now and then every ``every_s`` seconds until ``stop`` is set (or ``max_runs``).
+    A failed run is logged with its cause and retried at the next period. Returns runs done."""
+    stop = stop or threading.Event()
+    runs = 0
+    while not stop.is_set():
+        started = time.time()
+        runs += 1
+        log.info("training run %d starting", runs)
+        try:
+            out = once(settings, job)
+            log.info("run %d done in %.0fs: model %s %s (%s)", runs, out.seconds, out.version,
+                     "promoted" if out.promoted else "not promoted", out.reason)
+        except (ValueError, FileNotFoundError) as exc:  # bad or missing input: the message says it all
+            log.error("training run %d failed: %s; retrying at the next period", runs, exc)
+        except Exception as exc:  # noqa: BLE001 - the loop must survive any failed run
+            log.exception("training run %d failed: %s; retrying at the next period", runs, exc)
+        if max_runs is not None and runs >= max_runs:
+            break
+        wait = max(0.0, started + every_s - time.time())
+        log.info("next training run at %s UTC (in %.0fs)",
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() + wait)), wait)
+        stop.wait(wait)
+    return runs
