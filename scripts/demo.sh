@@ -12,6 +12,7 @@ USERS=${DEMO_USERS:-2000}
 DAYS=${DEMO_DAYS:-365}
 RATE=${DEMO_LIVE_RATE:-2000}
 LIVE=${DEMO_LIVE_EVENTS:-20000}
+export COLUMNS=${COLUMNS:-110}
 say() { printf '\n\033[1;32m==> %s\033[0m\n' "$*"; }
 
 scripts/install.sh

@@ -90,7 +90,7 @@ async def _wait_zero(settings, topics, group, timeout: float) -> float | None:
 
 
 @cli.command()
-def top(n: int = typer.Option(10, help="how many users")) -> None:
+def top(n: int = typer.Option(10, "-n", "--limit", help="how many users")) -> None:
     """The top users by expected CLV, straight from Redis."""
     from rich.console import Console
     from rich.table import Table
