@@ -49,6 +49,9 @@ def _session(path: Path, providers: list[str], threads: int | None = None):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    # idle pool threads spin-wait for the next run by default, burning the CPU the worker's
+    # own thread (and Kafka/Redis on the same box) need between batches
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # CUDA-provider fallback warnings are logged by us, once
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -75,7 +78,9 @@ class Scorer:
         if not head.exists():
             raise ContractError(f"{model_dir} has no head.onnx; train one with `clv train`")
         self.providers = providers or pick_providers()
-        self.head = _session(head, self.providers, threads)
+        # the head is a small MLP: a thread pool only adds hand-offs (bench/pipeline_step.py:
+        # 46 -> 27 CPU µs/event at the same wall rate with one thread)
+        self.head = _session(head, self.providers, 1)
         meta = self.head.get_modelmeta().custom_metadata_map
         self.contract = Contract.from_metadata(meta, source=str(head))
         self.version = self.contract.model_version
@@ -135,7 +140,9 @@ class HotScorer:
     """Serves the registry's champion and swaps to a new one without a restart.
 
     ``maybe_reload`` is cheap (one small file read); a new champion that fails to load or
-    breaks the contract is refused, logged, and the current model keeps serving.
+    breaks the contract is refused, logged, and the current model keeps serving. A model that
+    loads but then fails at scoring time where the one it replaced still works is refused by
+    ``demote`` and the previous model serves again (``previous`` is kept for that).
     """
 
     def __init__(self, registry: Registry, providers: list[str] | None = None, threads: int | None = None):
@@ -143,6 +150,7 @@ class HotScorer:
         self.providers = providers or pick_providers()
         self.threads = threads
         self.current: Scorer | None = None
+        self.previous: Scorer | None = None  # the model current replaced: the fallback
         self.refused: dict[str, str] = {}
         self.on_change = None  # callback(version) for metrics
         self.on_refuse = None  # callback(version) for metrics
@@ -164,8 +172,25 @@ class HotScorer:
                       self.current.version if self.current else "nothing")
             return False
         old = self.current.version if self.current else None
+        if self.current is not None:
+            self.previous = self.current
         self.current = new
         log.info("now serving model %s (was %s)", v, old)
         if self.on_change:
             self.on_change(v)
+        return True
+
+    def demote(self, model: Scorer, reason: str) -> bool:
+        """``model`` failed at scoring time where ``previous`` works: refuse it (until a new
+        champion is promoted) and serve the previous model again. False if nothing changed."""
+        if self.current is not model or self.previous is None:
+            return False
+        self.refused[model.version] = f"failed at scoring time: {reason}"
+        self.current, self.previous = self.previous, None
+        log.error("model %s failed at scoring time (%s); refused it, serving %s again",
+                  model.version, reason, self.current.version)
+        if self.on_refuse:
+            self.on_refuse(model.version)
+        if self.on_change:
+            self.on_change(self.current.version)
         return True

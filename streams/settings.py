@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     topic_dlq: str = "clv.dlq"
     topic_partitions: int = 4
     consumer_group: str = "clv-worker"
+    kafka_session_timeout_s: float = Field(
+        10.0, description="consumer-group session timeout: how long a crashed worker's partitions "
+        "stay unassigned before the group hands them to a live member (Faust's default is 60 s; "
+        "the broker accepts 6-1800 s by default)")
 
     # --- Redis -----------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:16379/0"
@@ -40,8 +44,8 @@ class Settings(BaseSettings):
     redis_prefix: str = "clv"
 
     # --- worker ----------------------------------------------------------
-    batch_max: int = 2000
-    batch_within_s: float = 0.05
+    batch_max: int = 5000
+    batch_within_s: float = 0.02
     stream_buffer_maxsize: int = 65536
     retry_backoff_initial_s: float = 0.2
     retry_backoff_max_s: float = 10.0

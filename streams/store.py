@@ -148,8 +148,9 @@ return conflicts
 """
 
 
-def _f(x: float) -> str:
-    return repr(float(x))
+def _f(x: float, digits: int = 6) -> str:
+    """Compact decimal (listpack-friendly): 6 significant digits are plenty for a score."""
+    return f"{float(x):.{digits}g}"
 
 
 class RedisStore:
@@ -203,7 +204,7 @@ class RedisStore:
                 argv += [u.user_id, str(u.expected_ver), encode_state(u.state), emb, "", "", "", "", ""]
             else:
                 argv += [u.user_id, str(u.expected_ver), encode_state(u.state), emb,
-                         _f(s.clv), _f(s.p_repeat), s.segment, s.model_version, _f(s.at)]
+                         _f(s.clv, 7), _f(s.p_repeat, 4), s.segment, s.model_version, f"{s.at:.3f}"]
         idx = await self._save(keys=keys, args=argv)
         return [updates[int(i) - 1].user_id for i in idx]
 

@@ -61,8 +61,21 @@ def test_every_dashboard_query_uses_defined_metrics_and_covers_them_all():
 
 
 def test_metrics_server_exposes_the_names_and_labels():
+    """Names and labels as scraped; counters are process-wide, so check deltas."""
+    from prometheus_client import REGISTRY
+
+    def val(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
     port = m.start_metrics_server(0, addr="127.0.0.1")
-    m.EVENTS_CONSUMED.labels(topic="clv.orders").inc(3)
+    before = {
+        "dlq": val("clv_dlq_messages_total", reason="invalid_json"),
+        "fold5": val("clv_fold_seconds_bucket", le="0.0005"),
+        "fold1": val("clv_fold_seconds_bucket", le="0.0001"),
+        "e2e": val("clv_event_to_score_seconds_bucket", le="0.025"),
+        "retry": val("clv_retries_total", dependency="redis"),
+    }
+    m.EVENTS_CONSUMED.labels(topic="metrics-test.orders").inc(3)
     m.DLQ_MESSAGES.labels(reason="invalid_json").inc()
     m.FOLD_SECONDS.observe(0.0003)
     m.EVENT_TO_SCORE_SECONDS.observe(0.02)
@@ -71,12 +84,12 @@ def test_metrics_server_exposes_the_names_and_labels():
     set_gauges("g1", [PartitionLag("clv.orders", 0, 10, 4, 6), PartitionLag("clv.orders", 1, 5, None, 5)])
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for line in (
-        'clv_events_consumed_total{topic="clv.orders"} 3.0',
-        'clv_dlq_messages_total{reason="invalid_json"} 1.0',
-        'clv_fold_seconds_bucket{le="0.0005"} 1.0',
-        'clv_fold_seconds_bucket{le="0.0001"} 0.0',
-        'clv_event_to_score_seconds_bucket{le="0.025"} 1.0',
-        'clv_retries_total{dependency="redis"} 1.0',
+        'clv_events_consumed_total{topic="metrics-test.orders"} 3.0',
+        f'clv_dlq_messages_total{{reason="invalid_json"}} {before["dlq"] + 1}',
+        f'clv_fold_seconds_bucket{{le="0.0005"}} {before["fold5"] + 1}',
+        f'clv_fold_seconds_bucket{{le="0.0001"}} {before["fold1"]}',
+        f'clv_event_to_score_seconds_bucket{{le="0.025"}} {before["e2e"] + 1}',
+        f'clv_retries_total{{dependency="redis"}} {before["retry"] + 1}',
         'clv_model_info{version="m-2026"} 1.0',
         'kafka_consumergroup_lag{consumergroup="g1",partition="0",topic="clv.orders"} 6.0',
         'kafka_consumergroup_lag_sum{consumergroup="g1",topic="clv.orders"} 11.0',
