@@ -29,6 +29,11 @@ from streams.store import RedisStore
 
 log = logging.getLogger("clv.worker")
 EXIT_UNSAFE = 70  # exit code when a batch could not be finished safely
+# A DLQ copy must fit the worker's producer request (Faust: 1,000,000 bytes) with key and
+# headers, or its send fails for ever and stalls the partition: the broker itself accepts
+# records up to ~1 MiB. Bigger originals are forwarded truncated (header clv-truncated-from).
+DLQ_MAX_VALUE = 900 * 1024
+DLQ_MAX_KEY = 1024
 
 
 def _records(events) -> list[Record]:
@@ -93,6 +98,7 @@ class Worker:
                 send = self.app.producer.send
                 for d in result.dead:
                     r = d.record
+                    key, value = r.key, r.value or b""
                     headers = [
                         ("clv-reason", d.reason.encode()),
                         ("clv-detail", d.detail.encode()[:2000]),
@@ -101,7 +107,13 @@ class Worker:
                         ("clv-source-offset", str(r.offset).encode()),
                         ("clv-rejected-at", repr(time.time()).encode()),
                     ]
-                    futs.append(await send(self.s.topic_dlq, r.key, r.value or b"", None, None, headers))
+                    if len(value) > DLQ_MAX_VALUE:
+                        headers.append(("clv-truncated-from", str(len(value)).encode()))
+                        value = value[:DLQ_MAX_VALUE]
+                    if key is not None and len(key) > DLQ_MAX_KEY:
+                        headers.append(("clv-key-truncated-from", str(len(key)).encode()))
+                        key = key[:DLQ_MAX_KEY]
+                    futs.append(await send(self.s.topic_dlq, key, value, None, None, headers))
                 for so in result.scores:
                     sc = so.score
                     body = orjson.dumps({
@@ -111,13 +123,28 @@ class Worker:
                     })
                     futs.append(await send(self.s.topic_scores, so.user_id.encode(), body, None, None, None))
                 if futs:
-                    await asyncio.gather(*futs)
+                    await self._acked(asyncio.gather(*futs))
                 result.dead.clear()
                 result.scores.clear()
                 return
             except Exception as exc:  # noqa: BLE001 - broker trouble: retry, never drop
                 self._retry("kafka", exc, backoff.delay)
                 await backoff.wait()
+
+    async def _acked(self, acks: asyncio.Future) -> None:
+        """Wait for the broker's acks. The Kafka client retries a broker outage by itself
+        (nothing raises); every ``retry_backoff_max_s`` without acks is logged and counted as a
+        kafka retry, so an outage shows in ``clv_retries_total`` like a Redis one."""
+        patience = max(1.0, self.s.retry_backoff_max_s)
+        waited = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(acks), timeout=patience)
+                return
+            except asyncio.TimeoutError:
+                waited += patience
+                self._retry("kafka", TimeoutError(f"no broker ack for {waited:.0f}s, the client keeps "
+                                                  "retrying"), patience)
 
     # ---- archive agent -----------------------------------------------------------------------
     async def archive_batch(self, events) -> None:
@@ -191,12 +218,20 @@ def create_app(settings, scorer=None, metrics=None):
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
         stream_ack_cancelled_tasks=False,
         stream_ack_exceptions=False,
+        # Two agents read each record: on a rebalance or stop Faust clears the agents' queues,
+        # so a record one agent already took stays unacked by the other for ever, and
+        # "wait for streams to be empty" hangs (a rebalance then stalls until the group evicts
+        # the worker; SIGTERM never finishes). Unacked records are simply redelivered, which
+        # the CAS writes and the offset watermarks make safe, so do not wait for them.
+        stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger_ms=5,
         topic_partitions=settings.topic_partitions,
         topic_disable_leader=True,
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 4),
         web_enabled=False,
         store="memory://",
         datadir=str(settings.data_dir / "faust"),

@@ -22,7 +22,9 @@ events arrive in:
 Idempotence: an event whose ``event_id`` is among the user's last ``RING`` ids, or whose
 source offset is at or below the user's watermark for that topic, leaves the state as it
 is. The watermark makes Kafka redelivery (crash, rebalance) exact; the ring catches a
-producer that publishes the same event twice in a row.
+producer that publishes the same event twice in a row. A record the ring drops still moves
+the watermark (the worker saves it), so its redelivery is dropped by offset even after the
+user's events on other topics have rotated the ring.
 """
 from __future__ import annotations
 
@@ -158,6 +160,10 @@ def apply(
             return False
     h = event_hash(event.event_id)
     if h in s.ring:
+        if pos is not None:
+            # this record is handled (as a duplicate): a redelivery must be judged by the
+            # watermark, not by a ring that the user's events on other topics may have rotated
+            s.wm[pos[0]] = pos[1]
         return False
     if pos is not None:
         s.wm[pos[0]] = pos[1]

@@ -181,10 +181,12 @@ class Pipeline:
             raise
         t1 = time.perf_counter()
         touched: list[tuple[str, State, int, float]] = []
+        marks: list[Update] = []  # users whose records were all duplicates: save the watermarks
         counts: dict[str, tuple[int, int]] = {}
         for uid in users:
             cur = loaded[uid]
             st = cur.state.copy() if cur.state is not None else new_state()
+            wm_before = list(st.wm)
             applied = dups = 0
             last_ts = 0.0
             try:
@@ -202,10 +204,12 @@ class Pipeline:
             counts[uid] = (applied, dups)
             if applied:
                 touched.append((uid, st, cur.ver, last_ts))
+            elif st.wm != wm_before:
+                marks.append(Update(uid, st, cur.ver, None))
         t2 = time.perf_counter()
         scores = self._score(touched, result)
         t3 = time.perf_counter()
-        updates = [Update(uid, st, ver, scores.get(uid)) for uid, st, ver, _ in touched]
+        updates = [Update(uid, st, ver, scores.get(uid)) for uid, st, ver, _ in touched] + marks
         try:
             conflicts = await self.store.save_many(updates)
         except Exception as exc:
@@ -236,17 +240,33 @@ class Pipeline:
         states = [st for _, st, _, _ in touched]
         # score as of the user's latest event time: deterministic under replay
         as_of = [st.v[1] for st in states]
+        feats, texts = features_batch(states, as_of), text_batch(states)
         try:
-            sc = model.score(features_batch(states, as_of), text_batch(states))
+            sc = model.score(feats, texts)
         except Exception as exc:  # noqa: BLE001 - scoring failure never blocks state updates
-            log.error("model %s failed to score a batch of %d: %s", model.version, len(states), exc)
-            result.score_failed += len(states)
-            return {}
+            sc = self._fallback(model, exc, feats, texts)
+            if sc is None:
+                log.error("model %s failed to score a batch of %d: %s", model.version, len(states), exc)
+                result.score_failed += len(states)
+                return {}
         now = self.clock()
         return {
             uid: Score(float(sc.expected_clv[i]), float(sc.p_repeat[i]), sc.segments[i], sc.model_version, now)
             for i, (uid, _, _, _) in enumerate(touched)
         }
+
+    def _fallback(self, model, exc: Exception, feats, texts):
+        """The served model raised: if the model it replaced scores this batch, that one serves
+        again (``HotScorer.demote``) and its scores are used; else None."""
+        prev = getattr(self.scorer, "previous", None)
+        if prev is None:
+            return None
+        try:
+            sc = prev.score(feats, texts)
+        except Exception:  # noqa: BLE001 - the batch itself is the problem: keep the new model
+            return None
+        self.scorer.demote(model, f"{type(exc).__name__}: {exc}")
+        return sc
 
 
 def _is_transient(exc: Exception) -> bool:
