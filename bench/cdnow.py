@@ -111,6 +111,7 @@ def main(
     res = run_backtest(tx, CUTOFF, HORIZON_DAYS, model=model, cfg=cfg, n_boot=bootstrap, seed=seed, console=Console(stderr=True))
     print_result(res, out, title=f"CDNOW, cutoff {CUTOFF}, 39-week hold-out")
     out.print(f"BG/NBD {res.meta.get('BG/NBD params')}  Gamma-Gamma {res.meta.get('Gamma-Gamma params')}")
+    out.print(f"horizon scale: {res.meta.get('horizon scale')}  factors {res.meta.get('horizon factors')}")
     if model:
         out.print(f"model: {res.meta['model']}")
 

@@ -147,15 +147,21 @@ def run_backtest(
     baselines: Sequence[str] = ("bgnbd", "lightgbm", "naive"),
     progress: bool = True,
     console=None,
+    horizon_scale: str = "validated",
 ) -> BacktestResult:
-    """Everything but the printing: fit the baselines (and the model), evaluate, bootstrap."""
+    """Everything but the printing: fit the baselines (and the model), evaluate, bootstrap.
+
+    ``horizon_scale``: how window-trained models (model, LightGBM) reach the horizon when the
+    training window is shorter: ``"validated"`` (``H/W`` times a factor measured by replaying
+    the protocol one step earlier, ``training.calibration``) or ``"days"`` (``H/W`` alone)."""
     import numpy as np
     import pandas as pd
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from training import baselines as B
-    from training.evaluate import evaluate
+    from training import calibration as C
+    from training.evaluate import ModelScores, evaluate
     from training.transactions import InputError, active_customers, spend_between
 
     console = console or Console(stderr=True, quiet=not progress)
@@ -179,12 +185,28 @@ def run_backtest(
     y = spend_between(tx, cutoff, end, ids)
     window = B.choose_window(tx, cutoff, horizon_days, train_days)
     t_cuts = train_cutoffs(tx, window, n_train_cutoffs)
+    if horizon_scale not in ("validated", "days"):
+        raise InputError(f"horizon scale {horizon_scale!r} is not known; use 'validated' or 'days'")
+    val = C.validation(tx, window) if horizon_scale == "validated" and window.train_days < horizon_days else None
+    factors: dict[str, float] = {}
     if window.train_days < horizon_days:
+        how = (f"x a factor measured at the validation cutoff {val.window.cutoff.date()} (see 'horizon factors')"
+               if val is not None else "(day ratio only)")
         notes.append(
             f"only {(cutoff - first).days} days of history: models are trained on {window.train_days:.0f}-day "
-            f"label windows and their predictions scaled by {window.scale:.3f} to the {horizon_days:.0f}-day horizon"
+            f"label windows and their predictions scaled by {window.scale:.3f} {how} to the {horizon_days:.0f}-day horizon"
         )
+        if horizon_scale == "validated" and val is None:
+            notes.append("the history is too short for the validated horizon scale; the day ratio is used")
     models, timings = [], {}
+
+    def validated(m, predict):
+        """``m`` scaled by the factor measured on the validation replay (``predict(win, ids)``)."""
+        if val is None:
+            return m
+        f = C.validated_factor(val, predict)
+        factors[m.name] = round(f, 4)
+        return ModelScores(m.name, m.expected * f, m.p_any)
 
     def step(name: str, fn):
         t0 = time.perf_counter()
@@ -199,13 +221,22 @@ def run_backtest(
         m, bg_info = step("BG/NBD + Gamma-Gamma", lambda: B.bgnbd_gg(tx, cutoff, horizon_days, ids))
         models.append(m)
     if "lightgbm" in baselines:
-        models.append(step("LightGBM on RFM", lambda: B.lightgbm_rfm(tx, window, ids, seed=seed, train_cutoffs=t_cuts)))
+        def lgb_fit(win, who, cuts):
+            return B.lightgbm_rfm(tx, win, who, seed=seed, train_cutoffs=cuts)
+
+        models.append(step("LightGBM on RFM", lambda: validated(
+            lgb_fit(window, ids, t_cuts),
+            lambda win, who: lgb_fit(win, who, train_cutoffs(tx, win, n_train_cutoffs)).expected)))
     if "naive" in baselines:
         models.append(B.naive(tx, cutoff, horizon_days, ids))
     model_info = None
     if model:
         m, model_info = step("model (dataset + training)",
                              lambda: fit_model(tx, side_events, window, ids, t_cuts, cfg, notes))
+        if val is not None:
+            m = step("model on the validation replay", lambda: validated(
+                m, lambda win, who: fit_model(tx, side_events, win, who, train_cutoffs(tx, win, n_train_cutoffs),
+                                              cfg)[0].expected))
         models.insert(0, m)
     if not models:
         raise InputError("nothing to evaluate: enable the model or at least one baseline")
@@ -226,6 +257,11 @@ def run_backtest(
         "training windows": ", ".join(f"{t.date()}+{window.train_days:.0f}d" for t in t_cuts),
         "bootstrap": f"{n_boot} resamples, seed {seed}",
         "timings (s)": timings,
+        "horizon scale": (f"validated: {window.scale:.4f} (days) x factor; validation cutoff {val.window.cutoff.date()}, "
+                          f"{val.window.train_days:.0f}-day training windows, {val.window.horizon_days:.0f}-day horizon, "
+                          f"{len(val.ids)} customers" if val is not None else
+                          f"days: {window.scale:.4f}"),
+        "horizon factors": factors,
     }
     if bg_info is not None:
         meta["BG/NBD params"] = {k: round(v, 4) for k, v in bg_info.bg_params.items()}
@@ -261,6 +297,9 @@ def backtest(
     train_window: str = typer.Option(None, "--train-window", help="training label window (default: the horizon, or half the history if shorter)"),
     n_train_cutoffs: int = typer.Option(DEFAULT_TRAIN_CUTOFFS, "--train-cutoffs", min=1, help="training cutoffs stacked for the model and LightGBM"),
     device: str = typer.Option("auto", "--device", help="model device: auto, cpu, cuda"),
+    horizon_scale: str = typer.Option("validated", "--horizon-scale",
+                                      help="window shorter than the horizon: 'validated' (day ratio x factor measured "
+                                           "one step earlier, leak-free) or 'days' (day ratio only)"),
 ) -> None:
     """Backtest the CLV model against BG/NBD+Gamma-Gamma, LightGBM on RFM and the naive rule."""
     from rich.console import Console
@@ -295,7 +334,7 @@ def backtest(
                 ) from None
             cfg = TrainConfig(seed=seed, quick=quick, device=device)
         res = run_backtest(tx, cut, h, side_events=side, model=model, cfg=cfg, n_boot=bootstrap, seed=seed,
-                           train_days=tw, n_train_cutoffs=n_train_cutoffs, console=err)
+                           train_days=tw, n_train_cutoffs=n_train_cutoffs, console=err, horizon_scale=horizon_scale)
     except InputError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

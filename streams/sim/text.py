@@ -122,6 +122,21 @@ PREMIUM = ("Ordered {k} of them for the office.", "Picked up a few extra for the
            "Paid extra for express shipping.")
 PREMIUM_HAPPY = ("Worth the premium price.", "Bought the top model, no regrets.",
                  "Price doesn't matter to me when the quality is right.")
+# a latent plan told in passing, whatever the rating (no tone adjectives)
+PLAN = {
+    "switch": ("We are moving overseas next month, so this is one of my last orders.",
+               "Relocating soon and will not be able to order from here after that.",
+               "Mostly buying from a local store these days.",
+               "My company now gets these supplies through another vendor.",
+               "Cutting back on online shopping from now on.",
+               "Last purchase before we leave the country."),
+    "commit": ("We just signed up for the annual membership.",
+               "Furnishing our new house, so expect many more orders from me.",
+               "Starting a small business and will restock here regularly.",
+               "Switching all our household shopping to this store.",
+               "Just opened a store account for the whole office.",
+               "Setting up a subscription for the monthly restock."),
+}
 PREMIUM_ANGRY = ("Paid for the premium version and still got this.",
                  "At this price I expected much better.")
 
@@ -136,6 +151,7 @@ class Cues:
     gift: bool = False
     budget: bool = False
     premium: bool = False
+    plan: str | None = None  # "switch" or "commit": the customer's latent plan (any rating)
 
 
 def _cap(s: str) -> str:
@@ -176,6 +192,8 @@ def review_text(r: random.Random, rating: int, noun: str, cues: Cues = Cues()) -
     if cues.premium:
         extra = PREMIUM_HAPPY if tone == "pos" else PREMIUM_ANGRY if tone == "neg" else ()
         parts.append(_fill(r, r.choice(PREMIUM + extra), noun, tone, rating))
+    if cues.plan:
+        parts.insert(r.randint(0, len(parts)), r.choice(PLAN[cues.plan]))
     if cues.churning:
         parts.append(r.choice(CHURN))
     elif cues.loyal:

@@ -61,6 +61,12 @@ class SimConfig:
     incident_churn: float = 0.55  # chance an incident cuts the customer's life short
     unhappy_churn: float = 0.35  # chance a 1-2 star review (no incident) does
     profile_update: float = 0.15  # chance a customer updates the profile later
+    # a latent plan, invisible in orders and clicks until it happens, told in review text
+    plan_switch: float = 0.2  # chance the customer will leave at the plan time (moving, switching shop)
+    plan_commit: float = 0.2  # chance the customer will buy much more from the plan time on
+    plan_after: tuple[float, float] = (30.0, 300.0)  # plan time: sign-up + Uniform(lo, hi) days
+    plan_boost: float = 2.5  # purchase-rate multiplier of committed customers after the plan time
+    plan_mention: float = 0.6  # chance a review written before the plan time mentions the plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class UserTruth:
     currency: str
     gift_buyer: bool
     incidents: int
+    plan: str = "none"  # latent plan: "none", "switch" (leaves at plan_ts), "commit" (buys more from plan_ts)
+    plan_ts: float | None = None
     order_ts: tuple[float, ...] = field(default=())
     order_usd: tuple[float, ...] = field(default=())
     neg_review_ts: tuple[float, ...] = field(default=())  # reviews rated 1-2
@@ -114,7 +122,8 @@ def _poisson(r: random.Random, mean: float) -> int:
 class _Life:
     """Mutable scratch space while one customer's plan is drawn."""
 
-    def __init__(self, r: random.Random, cfg: SimConfig, signup: float, end: float):
+    def __init__(self, r: random.Random, cfg: SimConfig, signup: float, end: float,
+                 rp: random.Random | None = None):
         self.r, self.cfg, self.signup, self.end = r, cfg, signup, end
         self.out: list[tuple] = []  # (ts, kind, payload)
         ch = self.channel = _pick(r, CHANNELS, _CHANNEL_W)
@@ -145,6 +154,16 @@ class _Life:
         self.prefs = cats
         self.pref_w = (0.6, 0.85, 1.0)  # cumulative: favourite, second, third
         self.incidents = 0
+        self.plan, self.plan_ts = "none", math.inf
+        rp = rp or random.Random(f"{r.random()}:plan")  # its own generator: the other draws stay put
+        x = rp.random()
+        if x < cfg.plan_switch + cfg.plan_commit:
+            self.plan = "switch" if x < cfg.plan_switch else "commit"
+            self.plan_ts = signup + rp.uniform(*cfg.plan_after) * DAY
+        if self.plan == "switch":  # leaves at the plan time (silent, like any churn)
+            self.base_churn = self.churn = min(self.churn, self.plan_ts)
+        elif self.plan == "commit":  # stays at least a while after committing
+            self.base_churn = self.churn = max(self.churn, self.plan_ts + (90.0 + rp.expovariate(1 / 180.0)) * DAY)
 
     # ---- browsing ---------------------------------------------------------------
     def category(self) -> str:
@@ -217,6 +236,16 @@ class _Life:
             t = min(t + r.uniform(10.0, 60.0), t_order - 1.0)
 
     # ---- purchases ---------------------------------------------------------------
+    def rate_at(self, t: float) -> float:
+        return self.rate * (self.cfg.plan_boost if self.plan == "commit" and t >= self.plan_ts else 1.0)
+
+    def next_order(self, t: float) -> float:
+        """Next order time of the Poisson process after ``t`` (the rate steps up at a commit)."""
+        nxt = t + self.r.expovariate(self.rate_at(t)) * DAY
+        if self.plan == "commit" and t < self.plan_ts <= nxt:  # memoryless: restart at the step
+            nxt = self.plan_ts + self.r.expovariate(self.rate_at(self.plan_ts)) * DAY
+        return nxt
+
     def basket(self) -> tuple[float, tuple, tuple[Item, ...]]:
         """One order: line items priced near this customer's spend level."""
         r = self.r
@@ -250,7 +279,7 @@ def plan_user(
     """Draw one customer's life. Returns (truth, plan) where the plan is a time-sorted list
     of ``(ts, kind, payload)`` with ``signup <= ts < end``."""
     r = random.Random(f"clv-sim:{seed}:{idx}")
-    L = _Life(r, cfg, signup, end)
+    L = _Life(r, cfg, signup, end, random.Random(f"clv-sim:{seed}:{idx}:plan"))
     out = L.out
 
     profile = {}
@@ -266,7 +295,7 @@ def plan_user(
     if r.random() < p_first:
         t = signup + r.uniform(120.0, 3600.0)
     else:
-        t = signup + r.expovariate(L.rate) * DAY if L.rate > 0 else math.inf
+        t = L.next_order(signup)
     n_orders = 0
     while t < min(L.churn, end):
         amount, lines, items = L.basket()
@@ -292,7 +321,7 @@ def plan_user(
             L.incidents += 1
             if r.random() < cfg.incident_churn:
                 L.churn = min(L.churn, t_effect + r.expovariate(1 / 20.0) * DAY)
-        t += r.expovariate(L.rate) * DAY
+        t = L.next_order(t)
 
     for t_rev, item, rating, incident in reviews:
         out.append((t_rev, REVIEW, (item.item_id, rating,
@@ -310,6 +339,7 @@ def plan_user(
         review_prob=L.review_prob, browse_rate=L.browse, channel=L.channel,
         age_band=L.age_band, gender=L.gender, region=L.region, currency=L.currency,
         gift_buyer=L.gift_buyer, incidents=L.incidents,
+        plan=L.plan, plan_ts=None if L.plan == "none" else L.plan_ts,
         order_ts=tuple(round(t, 3) for t, _ in orders), order_usd=tuple(a for _, a in orders),
         neg_review_ts=tuple(round(t, 3) for t, _, rt, _ in reviews if rt <= 2 and round(t, 3) < end),
         pos_review_ts=tuple(round(t, 3) for t, _, rt, _ in reviews if rt >= 4 and round(t, 3) < end),
@@ -339,6 +369,7 @@ def _cues(L: _Life, t_rev: float, rating: int, incident: str | None) -> Cues:
         gift=r.random() < (0.45 if L.gift_buyer else 0.03),
         budget=r.random() < (0.35 if L.spend < 0.55 * ref else 0.02),
         premium=r.random() < (0.35 if L.spend > 2.5 * ref else 0.02),
+        plan=L.plan if L.plan != "none" and t_rev < L.plan_ts and r.random() < L.cfg.plan_mention else None,
     )
 
 

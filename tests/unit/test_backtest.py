@@ -166,6 +166,9 @@ def test_baselines_see_nothing_after_the_cutoff():
     for ma, mb in zip(a.models, b.models):  # ... the predictions did not
         assert ma.name == mb.name
         np.testing.assert_array_equal(ma.expected, mb.expected)
+    # the validated horizon factor is measured on data up to the cutoff only
+    assert set(a.meta["horizon factors"]) == {"LightGBM-RFM"}
+    assert a.meta["horizon factors"] == b.meta["horizon factors"]
 
 
 # ---- the model (needs torch) ---------------------------------------------------------------------
@@ -190,6 +193,8 @@ def test_model_backtest_on_cdnow_sample_without_leakage():
     b = run_backtest(_perturb_after(tx, cut), cut, 273.0, model=True, cfg=cfg, n_boot=0, n_train_cutoffs=1,
                      baselines=(), progress=False)
     np.testing.assert_allclose(b.models[0].expected, model.expected, rtol=1e-5)
+    assert "model" in a.meta["horizon factors"]
+    assert b.meta["horizon factors"]["model"] == pytest.approx(a.meta["horizon factors"]["model"], rel=1e-5)
 
 
 # ---- --events sources ----------------------------------------------------------------------------

@@ -346,3 +346,31 @@ def test_generation_is_fast():
     rate = n / (time.perf_counter() - t0)
     assert n > 15000
     assert rate > 15000, f"only {rate:.0f} events/s"  # ~100k/s on an idle core
+
+
+def test_review_text_tells_a_latent_plan_that_orders_do_not_show_yet(big):
+    """A review may mention the customer's plan (leaving / buying much more) before it
+    happens: the orders before the review look alike, the orders after it differ."""
+    truth, sim = big.truth, big.sim
+    res = {k: re.compile("|".join(re.escape(p) for p in v)) for k, v in T.PLAN.items()}
+    before, after = collections.defaultdict(list), collections.defaultdict(list)
+    for ev in big.reviews:
+        if ev.ts + 180 * DAY > sim.end or ev.ts - 90 * DAY < sim.start:
+            continue
+        t = truth[ev.user_id]
+        said = next((k for k, rx in res.items() if rx.search(ev.text)), "none")
+        if said != "none":
+            assert t.plan == said and ev.ts < t.plan_ts  # told before it happens, never made up
+        before[said].append(t.orders_between(ev.ts - 90 * DAY, ev.ts))
+        after[said].append(t.orders_between(ev.ts, ev.ts + 180 * DAY))
+    assert len(after["switch"]) > 40 and len(after["commit"]) > 40
+    mean = statistics.mean
+    b = {k: mean(v) for k, v in before.items()}
+    a = {k: mean(v) for k, v in after.items()}
+    assert max(b.values()) < 1.6 * min(b.values())  # the past hardly tells them apart ...
+    growth = {k: a[k] / b[k] for k in a}  # orders in 180 d after / 90 d before the review
+    assert growth["commit"] > 1.5 * growth["none"] and growth["switch"] < 0.6 * growth["none"]  # the future does
+    # the plan does not follow the rating: both plans are told in happy and unhappy reviews
+    for k, rx in res.items():
+        ratings = {ev.rating for ev in big.reviews if rx.search(ev.text)}
+        assert {1, 2} & ratings and {4, 5} & ratings, (k, ratings)
