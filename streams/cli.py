@@ -96,3 +96,34 @@ def rescore(
         return n
 
     typer.echo(f"rescored {asyncio.run(run())} users with model {v}")
+
+
+@cli.command()
+def replay(score: bool = typer.Option(True, help="also score with the champion (and embed review text)")) -> None:
+    """Rebuild every user's state in Redis from the archive (stop the workers first)."""
+    from rich.progress import Progress
+
+    from serving.registry import Registry
+    from serving.scorer import Scorer, pick_providers
+    from streams.replay import replay_archive
+    from streams.settings import get_settings
+    from streams.store import RedisStore
+
+    s = get_settings()
+    model = None
+    if score:
+        v = Registry(s.models_dir).champion()
+        if v is not None:
+            model = Scorer(Registry(s.models_dir).path(v), pick_providers(s.onnx_providers))
+
+    async def run():
+        store = RedisStore.from_settings(s)
+        with Progress() as bar:
+            task = bar.add_task("replaying the archive", total=None)
+            out = await replay_archive(s, store, model, progress=lambda k: bar.update(task, completed=k))
+        await store.r.aclose()
+        return out
+
+    users, events = asyncio.run(run())
+    typer.echo(f"rebuilt {users} users from {events} archived events"
+               + (f", scored with {model.version}" if model else ", not scored (no champion)"))
