@@ -163,22 +163,12 @@ class Pipeline:
         put = {"ts_last": repr(self.clock())}
         if result.scores:
             put["mv"] = result.scores[0].score.model_version
-        try:
-            await self.store.record_stats(incr, put)
-        except Exception as exc:
-            if _is_transient(exc):
-                raise Transient(f"redis stats failed: {exc}") from exc
-            raise
+        await _redis("stats", self.store.record_stats(incr, put))
 
     async def _round(self, by_user: dict[str, list], embs, result: BatchResult, first: bool) -> list[str]:
         users = list(by_user)
         t0 = time.perf_counter()
-        try:
-            loaded = await self.store.load_many(users)
-        except Exception as exc:
-            if _is_transient(exc):
-                raise Transient(f"redis load failed: {exc}") from exc
-            raise
+        loaded = await _redis("load", self.store.load_many(users))
         t1 = time.perf_counter()
         touched: list[tuple[str, State, int, float]] = []
         marks: list[Update] = []  # users whose records were all duplicates: save the watermarks
@@ -210,12 +200,7 @@ class Pipeline:
         scores = self._score(touched, result)
         t3 = time.perf_counter()
         updates = [Update(uid, st, ver, scores.get(uid)) for uid, st, ver, _ in touched] + marks
-        try:
-            conflicts = await self.store.save_many(updates)
-        except Exception as exc:
-            if _is_transient(exc):
-                raise Transient(f"redis save failed: {exc}") from exc
-            raise
+        conflicts = await _redis("save", self.store.save_many(updates))
         t4 = time.perf_counter()
         cset = set(conflicts)
         # count only what was written; conflicting users are re-folded in the next round
@@ -267,6 +252,16 @@ class Pipeline:
             return None
         self.scorer.demote(model, f"{type(exc).__name__}: {exc}")
         return sc
+
+
+async def _redis(what: str, call):
+    """Await a store call; a dependency outage becomes ``Transient`` (the batch is retried)."""
+    try:
+        return await call
+    except Exception as exc:
+        if _is_transient(exc):
+            raise Transient(f"redis {what} failed: {exc}") from exc
+        raise
 
 
 def _is_transient(exc: Exception) -> bool:
