@@ -1,0 +1,1 @@
+"""Worker prototypes measured by bench/throughput.py (copies; streams/ stays untouched)."""
