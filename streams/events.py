@@ -33,7 +33,7 @@ Money = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
 class _Event(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore", strict=False)
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     schema_: int = Field(1, alias="schema")
     event_id: Id
@@ -144,7 +144,8 @@ def decode(
             raw,
         )
     try:
-        ev = _ADAPTER.validate_json(raw)
+        # strict: a number must be a JSON number ("ts": "1700000000" is rejected, not coerced)
+        ev = _ADAPTER.validate_json(raw, strict=True)
     except ValidationError as err:
         errors = err.errors()
         first = errors[0] if errors else {}

@@ -43,6 +43,9 @@ def test_valid_roundtrip():
     (raw(ts=NOW + 10 * 365 * 86400), "bad_timestamp"),
     (raw(ts=5.0), "bad_timestamp"),
     (raw(ts="yesterday"), "bad_field"),
+    (raw(ts="1700000000"), "bad_field"),  # numbers must be JSON numbers: no coercion
+    (raw(schema=True), "bad_field"),
+    (raw(amount="12.5"), "bad_field"),
     (raw(currency="XXX"), "bad_field"),
     (raw(schema=2), "unsupported_schema"),
     (raw(user_id=""), "bad_field"),
