@@ -204,7 +204,7 @@ class RedisStore:
                 argv += [u.user_id, str(u.expected_ver), encode_state(u.state), emb, "", "", "", "", ""]
             else:
                 argv += [u.user_id, str(u.expected_ver), encode_state(u.state), emb,
-                         _f(s.clv, 7), _f(s.p_repeat, 4), s.segment, s.model_version, f"{s.at:.3f}"]
+                         f"{s.clv:.2f}", _f(s.p_repeat, 4), s.segment, s.model_version, f"{s.at:.3f}"]
         idx = await self._save(keys=keys, args=argv)
         return [updates[int(i) - 1].user_id for i in idx]
 
