@@ -147,7 +147,9 @@ def main(quick: bool = typer.Option(False, help="tiny sizes: a smoke run, not fi
                     summary.append((name, "FAILED", "", "", None))
                     continue
                 res = json.loads(jpath.read_text())
-                body = [f"## {name}: {res['title']}", "", f"{cmd} ({secs:.0f} s; load before: {before})", "",
+                at = dt.datetime.now(dt.timezone.utc)
+                body = [f"## {name}: {res['title']}", "",
+                        f"{cmd} (run {at:%Y-%m-%d %H:%M} UTC, {secs:.0f} s; load before: {before})", "",
                         _md_table(res), ""]
                 for what, tgt, got, ok in res["targets"]:
                     body.append(f"- target {what}: {tgt}; measured {got}: **{'met' if ok else 'missed' if ok is False else '-'}**")

@@ -32,6 +32,8 @@ VARIANTS = {
                                               "--ort-threads", "1"],
     "proto: drain patch only": [sys.executable, str(REPO / "bench" / "prototypes" / "run_worker.py"), "baseline",
                                 "--drain-patch"],
+    "clv worker via prototype runner": [sys.executable, str(REPO / "bench" / "prototypes" / "run_worker.py"),
+                                        "baseline"],  # control for the runner-based variants
     "clv worker (ONNX 1 thread)": [sys.executable, str(REPO / "bench" / "prototypes" / "run_worker.py"), "baseline",
                                   "--ort-threads", "1"],
 }
