@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from streams.settings import Settings
+from streams.kafka import client_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +50,6 @@ class PartitionLag:
 def compute_lag(end: int, beginning: int, committed: int | None) -> int:
     start = beginning if committed is None or committed < 0 else max(committed, beginning)
     return max(0, end - start)
-
-
-def kafka_client_kwargs(settings: Settings) -> dict:
-    """Connection options shared by every aiokafka client built from Settings."""
-    kw: dict = {
-        "bootstrap_servers": settings.kafka_bootstrap,
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        kw["ssl_context"] = create_ssl_context(
-            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
-    if settings.kafka_security_protocol.startswith("SASL"):
-        kw["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        kw["sasl_plain_username"] = settings.kafka_sasl_username
-        if settings.kafka_sasl_password is not None:
-            kw["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
-    return kw
 
 
 def unreachable_message(settings: Settings, exc: BaseException | None = None) -> str:
@@ -99,7 +81,7 @@ class LagReader:
         from aiokafka import AIOKafkaConsumer
         from aiokafka.admin import AIOKafkaAdminClient
 
-        kw = kafka_client_kwargs(self.settings)
+        kw = client_kwargs(self.settings)
         timeout_ms = int(self.timeout_s * 1000)
         admin = AIOKafkaAdminClient(client_id="clv-lag", request_timeout_ms=timeout_ms, **kw)
         consumer = AIOKafkaConsumer(client_id="clv-lag", group_id=None, enable_auto_commit=False,
