@@ -24,7 +24,7 @@ import orjson
 from streams.archive import ArchiveWriter
 from streams.events import Rejection, decode
 from streams.kafka import faust_credentials
-from streams.pipeline import BatchResult, Pipeline, Record, Transient
+from streams.pipeline import TOPIC_TYPES, BatchResult, Pipeline, Record, Transient
 from streams.store import RedisStore
 
 log = logging.getLogger("clv.worker")
@@ -154,8 +154,6 @@ class Worker:
         now = time.time()
         items = []
         limits = self.pipeline.limits
-        from streams.pipeline import TOPIC_TYPES
-
         for r in records:
             t = self.topic_index.get(r.topic)
             if t is None:

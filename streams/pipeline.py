@@ -135,7 +135,7 @@ class Pipeline:
         attempts = 0
         while pending:
             attempts += 1
-            conflicts = await self._round(pending, embs, result, first=attempts == 1)
+            conflicts = await self._round(pending, embs, result)
             if not conflicts:
                 break
             result.conflicts += len(conflicts)
@@ -165,7 +165,7 @@ class Pipeline:
             put["mv"] = result.scores[0].score.model_version
         await _redis("stats", self.store.record_stats(incr, put))
 
-    async def _round(self, by_user: dict[str, list], embs, result: BatchResult, first: bool) -> list[str]:
+    async def _round(self, by_user: dict[str, list], embs, result: BatchResult) -> list[str]:
         users = list(by_user)
         t0 = time.perf_counter()
         loaded = await _redis("load", self.store.load_many(users))
