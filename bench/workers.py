@@ -24,6 +24,8 @@ CLV_WORKER = [sys.executable, "-m", "clv_cli", "worker"]
 VARIANTS = {
     # name -> argv. Prototypes read the same CLV_* settings as `clv worker`.
     "clv worker": CLV_WORKER,
+    "clv worker --engine faust": [*CLV_WORKER, "--engine", "faust"],
+    "clv worker --engine kafka": [*CLV_WORKER, "--engine", "kafka"],
     "proto: one agent": [sys.executable, str(REPO / "bench" / "prototypes" / "run_worker.py"), "onepass"],
     "proto: one agent + drain patch": [sys.executable, str(REPO / "bench" / "prototypes" / "run_worker.py"),
                                        "onepass", "--drain-patch"],

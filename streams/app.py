@@ -76,7 +76,7 @@ class Worker:
     async def score_batch(self, events) -> None:
         await self._guarded(self._score_batch(_records(events)), "score")
 
-    async def _score_batch(self, records: list[Record]) -> None:
+    async def _score_batch(self, records: list[Record]) -> BatchResult:
         backoff = Backoff(self.s.retry_backoff_initial_s, self.s.retry_backoff_max_s)
         while True:
             try:
@@ -89,6 +89,7 @@ class Worker:
         await self._publish(result, backoff)
         if self.metrics:
             self.metrics.observe_batch(result, records)
+        return result
 
     async def _publish(self, result: BatchResult, backoff: Backoff) -> None:
         """DLQ first, then scores; wait for the broker's acks before the batch is acked."""
@@ -161,8 +162,12 @@ class Worker:
             ev = decode(r.value, now=now, key=r.key, expect_type=TOPIC_TYPES[t], limits=limits)
             if not isinstance(ev, Rejection):
                 items.append((r, ev))
-        if not items:
-            return
+        if items:
+            await self.archive_items(items)
+
+    async def archive_items(self, items: Sequence[tuple]) -> None:
+        """Write decoded ``(record, event)`` pairs to the archive (in a thread), retrying a
+        failing disk with backoff: the caller acks/commits only after this returns."""
         backoff = Backoff(self.s.retry_backoff_initial_s, self.s.retry_backoff_max_s)
         loop = asyncio.get_running_loop()
         while True:

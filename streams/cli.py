@@ -14,12 +14,12 @@ log = logging.getLogger("clv.cli")
 def worker(
     loglevel: str = typer.Option("info", help="faust/worker log level"),
     metrics: bool = typer.Option(True, help="serve Prometheus /metrics on CLV_WORKER_WEB_PORT"),
+    engine: str = typer.Option("", help="'faust' (agents) or 'kafka' (one aiokafka consumer-group "
+                               "loop, same guarantees, ~4-5x faster); default CLV_ENGINE"),
 ) -> None:
-    """Run a scoring worker (Faust agents: score + archive) until stopped (Ctrl-C / SIGTERM)."""
+    """Run a scoring worker until stopped (Ctrl-C / SIGTERM): consume the event topics in the
+    worker group, fold, score, archive; commit only what is done."""
     import uvloop
-
-    uvloop.install()
-    from faust.worker import Worker as FaustWorker
 
     from serving.registry import Registry
     from serving.scorer import HotScorer, pick_providers
@@ -28,6 +28,13 @@ def worker(
     from streams.settings import get_settings
 
     s = get_settings()
+    if engine:
+        if engine not in ("faust", "kafka"):
+            raise typer.BadParameter(f"unknown engine {engine!r}: use 'faust' or 'kafka'")
+        s = s.model_copy(update={"engine": engine})
+    if s.engine == "kafka":  # Faust configures logging itself
+        logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s] [%(process)d] %(levelname)s "
+                            "%(name)s: %(message)s")
     try:
         asyncio.run(ensure_topics(s))
     except Exception as exc:  # noqa: BLE001
@@ -50,6 +57,14 @@ def worker(
         scorer.on_refuse = m.model_refused
         if scorer.current is not None:
             m.model_changed(scorer.current.version)
+    if s.engine == "kafka":
+        from streams.engine import serve
+
+        uvloop.run(serve(s, scorer, m))
+        return
+    uvloop.install()
+    from faust.worker import Worker as FaustWorker
+
     app = create_app(s, scorer, m)
     FaustWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
 

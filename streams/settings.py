@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,10 @@ class Settings(BaseSettings):
     redis_prefix: str = "clv"
 
     # --- worker ----------------------------------------------------------
+    engine: Literal["faust", "kafka"] = Field(
+        "faust", description="how `clv worker` consumes: 'faust' (Faust agents, streams/app.py) or "
+        "'kafka' (one aiokafka consumer-group loop, streams/engine.py: same batch step and "
+        "guarantees without Faust's per-message path, ~4-5x the events/s per core)")
     batch_max: int = 5000
     batch_within_s: float = 0.02
     stream_buffer_maxsize: int = 65536

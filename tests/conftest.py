@@ -456,3 +456,13 @@ def redis_client(services: InfraStack) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def kafka_admin(services: InfraStack) -> KafkaAdmin:
     return services.admin()
+
+
+ENGINES = ("faust", "kafka")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Run a worker test once per consuming engine (``CLV_ENGINE``): the Faust agents and the
+    aiokafka consumer-group loop promise the same guarantees, so the same test must hold."""
+    return request.param

@@ -57,12 +57,12 @@ def committed_total(s) -> tuple[int, int]:
 
 
 @pytest.mark.timeout(3 * 3600)
-def test_sigkill_storm_loses_nothing_and_counts_nothing_twice(services, tmp_path):
+def test_sigkill_storm_loses_nothing_and_counts_nothing_twice(services, tmp_path, engine):
     n_events = env_int("CLV_CHAOS_EVENTS", 60_000)
     n_kills = env_int("CLV_CHAOS_KILLS", 10)
     seed = env_int("CLV_CHAOS_SEED", 1)
     t_start = time.time()
-    s = chaos_settings(services, tmp_path, "crash", batch_max=500)
+    s = chaos_settings(services, tmp_path, "crash", batch_max=500, engine=engine)
     register(Registry(s.models_dir), "crash-m1", "good", champion=True)
 
     sim = simulate(n_users=max(50, n_events // EVENTS_PER_USER), start="2025-01-01", days=150, seed=seed)

@@ -43,12 +43,12 @@ from tests.integration.worker_proc import WorkerProc
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 
-def test_hostile_messages_go_to_the_dlq_and_good_ones_are_applied(services, tmp_path):
+def test_hostile_messages_go_to_the_dlq_and_good_ones_are_applied(services, tmp_path, engine):
     n_bad = env_int("CLV_CHAOS_BAD", 10_000)
     n_good = env_int("CLV_CHAOS_HOSTILE_EVENTS", 20_000)
     rng = random.Random(env_int("CLV_CHAOS_SEED", 4))
     port = free_ports(1)[0]
-    s = chaos_settings(services, tmp_path, "hostile", worker_web_port=port)
+    s = chaos_settings(services, tmp_path, "hostile", worker_web_port=port, engine=engine)
 
     sim = simulate(n_users=max(20, n_good // 50), start="2025-01-01", days=150, seed=4)
     events = list(itertools.islice(sim.iter_events(), n_good))

@@ -71,10 +71,10 @@ def _wait_log(path, text: str, w, timeout: float = 60.0) -> None:
 
 
 @pytest.mark.integration
-def test_bad_models_are_refused_or_isolated_and_m1_keeps_serving(services, tmp_path):
+def test_bad_models_are_refused_or_isolated_and_m1_keeps_serving(services, tmp_path, engine):
     n = env_int("CLV_CHAOS_MODEL_EVENTS", 18_000)
     port = free_ports(1)[0]
-    s = chaos_settings(services, tmp_path, "models", worker_web_port=port, batch_max=300)
+    s = chaos_settings(services, tmp_path, "models", worker_web_port=port, batch_max=300, engine=engine)
     reg = Registry(s.models_dir)
     register(reg, "m1", "good", champion=True, seed=1)
     sim = simulate(n_users=max(20, n // 50), start="2025-01-01", days=150, seed=5)

@@ -48,10 +48,10 @@ def _wait(cond, what: str, workers, timeout: float = 240.0) -> None:
         time.sleep(0.25)
 
 
-def test_join_and_leave_mid_run_keeps_state_exact(services, tmp_path):
+def test_join_and_leave_mid_run_keeps_state_exact(services, tmp_path, engine):
     n = env_int("CLV_CHAOS_REBALANCE_EVENTS", 40_000)
     pa, pb, pc = free_ports(3)
-    s = chaos_settings(services, tmp_path, "rebal", batch_max=500)
+    s = chaos_settings(services, tmp_path, "rebal", batch_max=500, engine=engine)
     register(Registry(s.models_dir), "rebal-m1", "good", champion=True)
     sim = simulate(n_users=max(20, n // 50), start="2025-01-01", days=150, seed=3)
     events = list(itertools.islice(sim.iter_events(), n))

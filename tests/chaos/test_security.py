@@ -97,7 +97,7 @@ def _marker_reviews(users: list[str], ts: float, n: int) -> tuple[list, list[str
 
 # ---- worker end to end over SASL + AUTH ------------------------------------------------------
 @pytest.mark.integration
-def test_worker_over_sasl_and_redis_auth_keeps_secrets_and_text_out(infra_factory, tmp_path):
+def test_worker_over_sasl_and_redis_auth_keeps_secrets_and_text_out(infra_factory, tmp_path, engine):
     stack = infra_factory("kafka", sasl=True)
     stack.env["CLV_INFRA_REDIS_PASSWORD"] = REDIS_PASSWORD
     stack.start("redis")  # requirepass
@@ -108,7 +108,7 @@ def test_worker_over_sasl_and_redis_auth_keeps_secrets_and_text_out(infra_factor
     topics = stack.unique_topics("sec")
     s = stack.sasl_settings(**topics, redis_prefix=topics["consumer_group"], redis_password=REDIS_PASSWORD,
                             data_dir=tmp_path / "var", archive_within_s=0.5, batch_within_s=0.02,
-                            model_poll_s=1.0, worker_web_port=port)
+                            model_poll_s=1.0, worker_web_port=port, engine=engine)
     assert s.kafka_security_protocol == "SASL_PLAINTEXT" and s.kafka_sasl_password is not None
     reg = Registry(s.models_dir)
     register(reg, "sec-m1", "good", champion=True, encoder=True)

@@ -61,11 +61,11 @@ def _wait_progress(s, r, w, target: int, timeout: float = 300.0) -> int:
         time.sleep(0.1)
 
 
-def test_worker_rides_out_redis_and_kafka_restarts(infra_factory, tmp_path):
+def test_worker_rides_out_redis_and_kafka_restarts(infra_factory, tmp_path, engine):
     n = env_int("CLV_CHAOS_RESTART_EVENTS", 30_000)
     stack = infra_factory("kafka", "redis")
     port = free_ports(1)[0]
-    s = chaos_settings(stack, tmp_path, "restart", worker_web_port=port, batch_max=500)
+    s = chaos_settings(stack, tmp_path, "restart", worker_web_port=port, batch_max=500, engine=engine)
     register(Registry(s.models_dir), "restart-m1", "good", champion=True)
     sim = simulate(n_users=max(20, n // 50), start="2025-01-01", days=150, seed=2)
     events = list(itertools.islice(sim.iter_events(), n))

@@ -33,11 +33,11 @@ def wait_for(prom: str, expr: str, ok, timeout: float = 60.0):
     raise AssertionError(f"Prometheus query {expr!r} never satisfied; last={last}")
 
 
-def test_prometheus_scrapes_worker_lag_and_throughput(services, tmp_path):
+def test_prometheus_scrapes_worker_lag_and_throughput(services, tmp_path, engine):
     (port,) = free_ports(1)
     topics = services.unique_topics("prom")
     s = services.settings(**topics, redis_prefix=topics["consumer_group"], data_dir=tmp_path / "var",
-                          worker_web_port=port, archive_within_s=0.5)
+                          worker_web_port=port, archive_within_s=0.5, engine=engine)
     events = list(simulate(n_users=100, start="2025-01-01", days=60, seed=3).iter_events())
     asyncio.run(publish(events, s))
     services.env["CLV_INFRA_SCRAPE_TARGETS"] = f"127.0.0.1:{port}"

@@ -52,10 +52,10 @@ def consume_scores(settings, n: int, timeout: float = 60.0) -> list[dict]:
     return asyncio.run(run())
 
 
-def test_worker_scores_and_hot_swaps_models(services, tmp_path):
+def test_worker_scores_and_hot_swaps_models(services, tmp_path, engine):
     topics = services.unique_topics("score")
     s = services.settings(**topics, redis_prefix=topics["consumer_group"], data_dir=tmp_path / "var",
-                          model_poll_s=1.0, archive_within_s=0.5)
+                          model_poll_s=1.0, archive_within_s=0.5, engine=engine)
     sim = simulate(n_users=400, start="2025-01-01", days=240, seed=21)
     history = tmp_path / "history.jsonl"
     with open(history, "wb") as fh:

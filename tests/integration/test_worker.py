@@ -31,11 +31,11 @@ def sim():
     return simulate(n_users=300, start="2025-01-01", days=120, seed=11)
 
 
-def _settings(services, tmp_path, **kw):
+def _settings(services, tmp_path, engine, **kw):
     topics = services.unique_topics("w")
     return services.settings(
         **topics, redis_prefix=topics["consumer_group"], data_dir=tmp_path / "var", archive_within_s=0.5,
-        batch_within_s=0.02, model_poll_s=1.0, **kw,
+        batch_within_s=0.02, model_poll_s=1.0, engine=engine, **kw,
     )
 
 
@@ -96,8 +96,8 @@ def dlq_messages(settings, expected: int, timeout: float = 60.0):
     return asyncio.run(run())
 
 
-def test_stream_to_redis_equals_offline_fold(services, tmp_path, sim):
-    s = _settings(services, tmp_path)
+def test_stream_to_redis_equals_offline_fold(services, tmp_path, sim, engine):
+    s = _settings(services, tmp_path, engine)
     events = list(sim.iter_events())
     msgs = list(mix(events, duplicates=0.03, bad=0.01, seed=5, users=300))
     n_dup = sum(m.label == DUPLICATE for m in msgs)
@@ -136,9 +136,9 @@ def test_stream_to_redis_equals_offline_fold(services, tmp_path, sim):
         w.stop()
 
 
-def test_duplicates_published_again_change_nothing(services, tmp_path, sim):
+def test_duplicates_published_again_change_nothing(services, tmp_path, sim, engine):
     """Every event published twice in a row (a retrying producer): state as if once."""
-    s = _settings(services, tmp_path)
+    s = _settings(services, tmp_path, engine)
     events = list(sim.iter_events())[:3000]
     doubled = [m for ev in events for m in (ev, ev)]
     asyncio.run(publish(doubled, s))
@@ -150,8 +150,8 @@ def test_duplicates_published_again_change_nothing(services, tmp_path, sim):
         w.stop()
 
 
-def test_killed_and_restarted_worker_ends_with_same_state(services, tmp_path, sim):
-    s = _settings(services, tmp_path, batch_max=200)
+def test_killed_and_restarted_worker_ends_with_same_state(services, tmp_path, sim, engine):
+    s = _settings(services, tmp_path, engine, batch_max=200)
     events = list(sim.iter_events())
     half = len(events) // 2
     r = redis.Redis.from_url(s.redis_url)
