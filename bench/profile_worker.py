@@ -37,11 +37,11 @@ SPECIFIC: list[tuple[str, tuple[str, ...]]] = [
     ("fold: apply()", ("streams/fold.py",)),
     ("redis: scripts, codec", ("streams/store.py", "(redis/", "hiredis")),
     ("archive (parquet; + 2nd decode in clv worker)", ("streams/archive.py", "_archive_batch", "pyarrow")),
-    ("publish scores/DLQ (producer)", ("_publish (streams/app.py", "aiokafka/producer", "publish_batched")),
+    ("publish scores/DLQ (producer)", ("_publish (streams/app.py", "aiokafka/producer", "publish_batched", "_publish_scores")),
     ("metrics", ("streams/observe.py", "prometheus_client", "serving/lag.py")),
     ("aiokafka consumer: fetch + parse", ("aiokafka/consumer", "aiokafka/record", "aiokafka/conn",
                                           "aiokafka/client", "aiokafka/protocol", "aiokafka/util")),
-    ("pipeline glue (records, batch result)", ("streams/pipeline.py", "streams/app.py", "LeanWorker.run",
+    ("pipeline glue (records, batch result)", ("streams/pipeline.py", "streams/app.py", "streams/engine.py", "LeanWorker.run",
                                                "OnePassWorker", "prototypes/app_onepass.py")),
 ]
 GENERIC: list[tuple[str, tuple[str, ...]]] = [

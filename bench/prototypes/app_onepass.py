@@ -23,7 +23,7 @@ from streams.pipeline import BatchResult, Transient
 
 class OnePassWorker(Worker):
     batched_publish = True
-    archive_inline = True  # False: the caller archives result.valid_events itself (lean worker)
+    archive_inline = True  # False: the caller archives result.valid_events itself
     last_result = None
 
     async def _score_batch(self, records) -> None:
