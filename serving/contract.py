@@ -24,7 +24,8 @@ REQUIRED = (
     "clv.contract",  # CONTRACT_VERSION
     "clv.feature_names",  # JSON list, must equal streams.fold.FEATURE_NAMES
     "clv.feature_schema",  # streams.fold.FEATURE_SCHEMA
-    "clv.state_version",  # streams.fold.STATE_VERSION
+    "clv.state_version",  # streams.fold.STATE_VERSION the trainer ran with (informational: a model
+    # depends on the features, FEATURE_SCHEMA, not on how the state blob is stored)
     "clv.model_version",  # registry version, e.g. 20261129T0500Z-ab12cd
     "clv.text_dim",  # TEXT_DIM
     "clv.horizon_weeks",  # label horizon the model was trained for
@@ -99,11 +100,6 @@ class Contract:
             raise ContractError(
                 f"{source} expects feature schema {self.feature_schema!r} but the fold produces "
                 f"{FEATURE_SCHEMA!r} (differing names, first few: {diff}); retrain with this code base"
-            )
-        if self.state_version != STATE_VERSION:
-            raise ContractError(
-                f"{source} was trained on state version {self.state_version}, the fold is at "
-                f"{STATE_VERSION}; retrain with this code base"
             )
         if self.text_dim != TEXT_DIM:
             raise ContractError(f"{source} has text_dim {self.text_dim}, the fold keeps {TEXT_DIM}")

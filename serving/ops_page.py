@@ -6,8 +6,11 @@
   computes rates from successive polls);
 * model: the registry's CHAMPION and the ``mv`` the worker wrote most recently (the stats
   field ``mv`` when the worker keeps it, else the newest ``at`` among the top users);
-* CLV distribution: ZCOUNT of the ``clv:v1:top`` zset over 1-2-5 log-spaced buckets, and the
-  top 20 users (ZREVRANGE WITHSCORES).
+* CLV distribution: the ``clv:v1:hist`` hash (users per 1-2-5 log-spaced bucket, kept exact by
+  the worker's save script, ``streams.store``), shown up to the highest non-empty bucket;
+* top 20 users: ZREVRANGE WITHSCORES of the ``clv:v1:top`` zset, which holds every user whose
+  CLV is above ``clv:v1:top:floor`` (the ``TOP_KEEP`` = 10,000 highest, give or take; see
+  docs/redis.md), so its top 20 are the top 20 of all users.
 
 Read-only, like the rest of the API. With ``CLV_API_TOKEN`` set, /ops/data needs the bearer
 token; the page takes it from the URL fragment (``/ops#token=...``, never sent to the server
@@ -25,7 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 from serving.registry import Registry
-from streams.keys import F_AT, F_MV, F_P, F_SEG, Keys
+from streams.keys import F_AT, F_MV, F_P, F_SEG, HIST_EDGES, Keys
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,20 +39,6 @@ LAG_TIMEOUT_S = 2.0
 STAT_FIELDS = ("events", "processed", "duplicates", "dlq")
 
 
-def bucket_edges(max_value: float) -> list[float]:
-    """1-2-5 log-spaced upper edges from 1 up to the first edge above ``max_value``."""
-    edges, k = [], 0
-    while True:
-        for m in (1, 2, 5):
-            e = m * 10.0 ** k
-            edges.append(e)
-            if e > max_value:
-                return edges
-        k += 1
-        if k > 12:  # 1e12 USD: no customer is worth more; the last bucket is open-ended
-            return edges
-
-
 def _num(v) -> float | int | None:
     if v is None:
         return None
@@ -57,31 +46,34 @@ def _num(v) -> float | int | None:
     return int(f) if f.is_integer() and abs(f) < 2**53 else f
 
 
+def histogram(raw: dict) -> tuple[int, list[dict]]:
+    """(users, buckets) from the ``hist`` hash: buckets up to the highest non-empty one."""
+    counts = {int(k): int(v) for k, v in raw.items()}
+    nonzero = [i for i, c in counts.items() if c]
+    if not nonzero:
+        return 0, []
+    buckets = [{"lo": 0.0 if i == 0 else HIST_EDGES[i - 1],
+                "hi": HIST_EDGES[i] if i < len(HIST_EDGES) else None,
+                "count": counts.get(i, 0)} for i in range(max(nonzero) + 1)]
+    return sum(counts.values()), buckets
+
+
 async def _redis_part(r, keys: Keys) -> dict:
     p = r.pipeline(transaction=False)
     p.hgetall(keys.stats)
+    p.hgetall(keys.hist)
     p.zcard(keys.top)
+    p.get(keys.top_floor)
     p.zrevrange(keys.top, 0, TOP_N - 1, withscores=True)
-    p.zrange(keys.top, 0, 0, withscores=True)
-    stats_raw, n_users, top, lowest = await p.execute()
+    stats_raw, hist_raw, n_top, floor, top = await p.execute()
     stats = {k.decode(): v.decode() for k, v in stats_raw.items()}
+    n_users, buckets = histogram(hist_raw)
 
     top = [(u.decode(), float(s)) for u, s in top]
-    hi = top[0][1] if top else 0.0
-    lo = lowest[0][1] if lowest else 0.0
-    edges = bucket_edges(hi) if n_users else []
-    if edges and edges[-1] <= hi:
-        edges[-1] = math.inf  # beyond the last 1-2-5 edge: one open bucket
-    los = [-math.inf, *edges[:-1]]
     p = r.pipeline(transaction=False)
-    for a, b in zip(los, edges):
-        p.zcount(keys.top, "-inf" if a == -math.inf else a, "+inf" if b == math.inf else f"({b}")
     for uid, _ in top:
         p.hmget(keys.user(uid), F_SEG, F_P, F_MV, F_AT)
-    res = await p.execute()
-    counts, details = res[: len(edges)], res[len(edges):]
-    buckets = [{"lo": 0.0 if a == -math.inf else a, "hi": None if b == math.inf else b,
-                "count": int(c)} for a, b, c in zip(los, edges, counts)]
+    details = await p.execute()
     rows, newest = [], (None, -math.inf)
     for (uid, score), (seg, pr, mv, at) in zip(top, details):
         row = {"user_id": uid, "clv": score,
@@ -106,8 +98,10 @@ async def _redis_part(r, keys: Keys) -> dict:
     return {
         "stats": out_stats,
         "latest_mv": latest, "latest_mv_source": source,
-        "distribution": {"users": int(n_users), "min": lo, "max": hi, "buckets": buckets},
+        "distribution": {"users": n_users, "max": top[0][1] if top else None, "buckets": buckets},
         "top": rows,
+        # the top list covers every user above the floor (None: every scored user)
+        "top_tracked": {"users": int(n_top), "floor": float(floor) if floor is not None else None},
     }
 
 

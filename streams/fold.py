@@ -49,10 +49,11 @@ from streams.events import (
     Review,
 )
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: compact codec (varints, zero/duplicate elision); 1 blobs are refused
 DAY = 86400.0
 HALF_LIVES_DAYS = (1.0, 7.0, 30.0)
 RING = 8  # remembered event ids per user
+EID_BYTES = 6  # event-id hash width (bytes)
 N_TOPICS = 4  # watermarks: clicks, orders, reviews, profiles
 TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding
 # Static conversion to USD: the fold must stay pure, so rates are versioned with the code.
@@ -118,7 +119,9 @@ class State:
 
 
 def event_hash(event_id: str) -> int:
-    return int.from_bytes(blake2b(event_id.encode(), digest_size=8).digest(), "little")
+    """48-bit id hash (dedupe ring, profile tie-break). A new event falsely taken for one of
+    the user's last RING ids: RING / 2**48 = 3e-14 per event; 6 bytes each in the blob."""
+    return int.from_bytes(blake2b(event_id.encode(), digest_size=EID_BYTES).digest(), "little")
 
 
 def _cat_bit(category: str) -> int:
@@ -294,7 +297,11 @@ FEATURE_NAMES: tuple[str, ...] = (
     *_PROFILE_ONEHOT,
 )
 N_FEATURES = len(FEATURE_NAMES)
-FEATURE_SCHEMA = f"clv-features-v{STATE_VERSION}-{N_FEATURES}"
+# What a model depends on: the meaning of ``features()`` (names, order, transforms), not how the
+# state is stored. Bump FEATURE_VERSION when a feature's meaning changes (models are then refused
+# until retrained); a codec change (STATE_VERSION) only needs `clv replay`, not a retrain.
+FEATURE_VERSION = 1
+FEATURE_SCHEMA = f"clv-features-v{FEATURE_VERSION}-{N_FEATURES}"
 
 
 def features(state: State, as_of: float) -> np.ndarray:
@@ -365,24 +372,82 @@ def _fill(s: State, as_of: float, out: np.ndarray) -> None:
 
 
 # ---- compact binary codec (what Redis stores) ------------------------------------------
-# header: u8 version, u8 ring length, u8 has_emb, u8 pad | u64 cats | u64 profile_eid
-# | i64 wm[N_TOPICS] | u64 ring[ring_len] | f64 times[_NT] | f32 nums[_NN]
+# State version 2 (docs/redis.md, "State blob"). Little-endian:
+#   u8 version | u8 flags | u8 ring_len | [u64 cats] | [u48 profile_eid]
+#   | varint (wm + 1) x N_TOPICS | u48 ring x ring_len (event ids are 48-bit hashes)
+#   | 2-bit code per scalar (FIELDS order, packed 4 per byte) | the scalars' values
+# flags: 1 = has embedding, 2 = cats present (else 0), 4 = profile_eid present (else 0).
+# Scalar codes: 0 = zero (no bytes); 1 = a whole number in (0, 2**53): unsigned LEB128
+# varint (exact); 2 = a time as f64 / a counter as f32 (v1 kept counters as f32 too);
+# 3 = (times only) the same value as the earlier time field whose index follows as a u8
+# (the three click reference times are always equal, last_ts often equals one of them).
+# Times and whole-number counters round-trip exactly; other counters round to f32 as in v1.
 # The embedding is stored separately (float16) so users without reviews pay nothing.
-_HDR = struct.Struct("<BBBxQQ")
-_WM = struct.Struct(f"<{N_TOPICS}q")
-_TIMES = struct.Struct(f"<{_NT}d")
-_NUMS = struct.Struct(f"<{_NN}f")
+_HDR = struct.Struct("<BBB")
+_U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
+_F32 = struct.Struct("<f")
+_NS = _NT + _NN
+_NCODE = (_NS + 3) // 4
+_WHOLE_MAX = float(2**53)
+_FLAG_EMB, _FLAG_CATS, _FLAG_PEID = 1, 2, 4
+
+
+def _varint(out: bytearray, n: int) -> None:
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _read_varint(blob: bytes, off: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = blob[off]
+        off += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, off
+        shift += 7
+        if shift > 63:
+            raise StateDecodeError("corrupt state blob: varint longer than 64 bits")
 
 
 def encode_state(s: State) -> bytes:
     ring = s.ring[-RING:]
-    return b"".join((
-        _HDR.pack(STATE_VERSION, len(ring), 1 if s.emb is not None else 0, s.cats, s.profile_eid),
-        _WM.pack(*s.wm),
-        struct.pack(f"<{len(ring)}Q", *ring),
-        _TIMES.pack(*s.v[:_NT]),
-        _NUMS.pack(*s.v[_NT:]),
-    ))
+    flags = ((_FLAG_EMB if s.emb is not None else 0) | (_FLAG_CATS if s.cats else 0)
+             | (_FLAG_PEID if s.profile_eid else 0))
+    out = bytearray(_HDR.pack(STATE_VERSION, flags, len(ring)))
+    if s.cats:
+        out += _U64.pack(s.cats)
+    if s.profile_eid:
+        out += s.profile_eid.to_bytes(EID_BYTES, "little")
+    for w in s.wm:
+        _varint(out, w + 1)
+    for h in ring:
+        out += h.to_bytes(EID_BYTES, "little")
+    v = s.v
+    codes = 0
+    vals = bytearray()
+    for i in range(_NS):
+        x = v[i]
+        if x == 0:
+            continue
+        if i < _NT and x in v[:i]:  # an earlier time field with the same value
+            codes |= 3 << (i << 1)
+            vals.append(v.index(x))
+        elif 0 < x < _WHOLE_MAX and x % 1 == 0:
+            codes |= 1 << (i << 1)
+            if x < 128:
+                vals.append(int(x))
+            else:
+                _varint(vals, int(x))
+        else:
+            codes |= 2 << (i << 1)
+            vals += _F64.pack(x) if i < _NT else _F32.pack(x)
+    out += codes.to_bytes(_NCODE, "little")
+    out += vals
+    return bytes(out)
 
 
 class StateDecodeError(ValueError):
@@ -391,23 +456,61 @@ class StateDecodeError(ValueError):
 
 def decode_state(blob: bytes, emb: bytes | None = None) -> State:
     try:
-        ver, n_ring, has_emb, cats, peid = _HDR.unpack_from(blob, 0)
+        ver, flags, n_ring = _HDR.unpack_from(blob, 0)
         if ver != STATE_VERSION:
             raise StateDecodeError(
-                f"state blob has version {ver}, this code reads {STATE_VERSION}; run the migration "
-                "or rebuild state by replaying the archive (clv replay)"
+                f"state blob has version {ver}, this code reads {STATE_VERSION}; rebuild the state "
+                "by replaying the archive (clv replay)"
             )
         off = _HDR.size
-        wm = list(_WM.unpack_from(blob, off)); off += _WM.size
-        ring = list(struct.unpack_from(f"<{n_ring}Q", blob, off)); off += 8 * n_ring
-        times = _TIMES.unpack_from(blob, off); off += _TIMES.size
-        nums = _NUMS.unpack_from(blob, off)
-    except struct.error as exc:
+        cats = peid = 0
+        if flags & _FLAG_CATS:
+            cats = _U64.unpack_from(blob, off)[0]; off += 8
+        if flags & _FLAG_PEID:
+            peid = int.from_bytes(blob[off:off + EID_BYTES], "little"); off += EID_BYTES
+        wm = []
+        for _ in range(N_TOPICS):
+            w, off = _read_varint(blob, off)
+            wm.append(w - 1)
+        end = off + EID_BYTES * n_ring
+        if end > len(blob):
+            raise StateDecodeError(f"corrupt state blob ({len(blob)} bytes): truncated event-id ring")
+        ring = [int.from_bytes(blob[i:i + EID_BYTES], "little") for i in range(off, end, EID_BYTES)]
+        off = end
+        if off + _NCODE > len(blob):
+            raise StateDecodeError(f"corrupt state blob ({len(blob)} bytes): truncated scalar codes")
+        codes = int.from_bytes(blob[off:off + _NCODE], "little")
+        off += _NCODE
+        v = [0.0] * _NS
+        for i in range(_NS):
+            c = codes & 3
+            codes >>= 2
+            if c == 0:
+                continue
+            if c == 1:
+                if blob[off] < 0x80:
+                    v[i] = float(blob[off]); off += 1
+                else:
+                    n, off = _read_varint(blob, off)
+                    v[i] = float(n)
+            elif c == 2:
+                if i < _NT:
+                    v[i] = _F64.unpack_from(blob, off)[0]; off += 8
+                else:
+                    v[i] = _F32.unpack_from(blob, off)[0]; off += 4
+            else:
+                j = blob[off]; off += 1
+                if i >= _NT or j >= i:
+                    raise StateDecodeError(f"corrupt state blob: bad back-reference in field {FIELDS[i]}")
+                v[i] = v[j]
+        if off != len(blob):
+            raise StateDecodeError(f"corrupt state blob: {len(blob) - off} trailing bytes")
+    except (struct.error, IndexError) as exc:
         raise StateDecodeError(f"corrupt state blob ({len(blob)} bytes): {exc}") from exc
     vec = None
-    if has_emb and emb:
+    if flags & _FLAG_EMB and emb:
         vec = np.frombuffer(emb, dtype=np.float16).astype(np.float32)
-    return State(list(times) + list(nums), cats, ring, wm, peid, vec)
+    return State(v, cats, ring, wm, peid, vec)
 
 
 def encode_emb(s: State) -> bytes | None:

@@ -18,6 +18,25 @@ F_MV = "mv"  # model version that produced the score
 F_AT = "at"  # scored-at, epoch seconds
 SCORE_FIELDS = (F_CLV, F_P, F_SEG, F_MV, F_AT)
 
+# The ``top`` zset holds only the highest-CLV users: every user whose CLV is above the floor
+# kept in ``top_floor`` (raised whenever the zset grows past TOP_KEEP members). The CLV
+# distribution is the ``hist`` hash, kept exact by the same save script.
+TOP_KEEP = 10_000
+# ``hist`` buckets: bucket i (field "i") counts users with HIST_EDGES[i-1] <= clv < HIST_EDGES[i]
+# (bucket 0: clv < 1; the last, len(HIST_EDGES): clv >= 5e12). 1-2-5 log-spaced, in USD.
+HIST_EDGES: tuple[float, ...] = tuple(float(m * 10**k) for k in range(13) for m in (1, 2, 5))
+# A user is counted in ``hist`` iff its hash has a ``clv`` and a state blob of at least this
+# state version (the first one whose writes keep ``hist``): hashes written by older code are
+# counted when they are next written.
+HIST_SINCE_STATE_VERSION = 2
+
+
+def hist_bucket(clv: float) -> int:
+    """The ``hist`` bucket of a CLV (the Lua save script computes the same)."""
+    from bisect import bisect_right
+
+    return 0 if clv != clv else bisect_right(HIST_EDGES, clv)  # NaN: bucket 0, as in Lua
+
 
 class Keys:
     def __init__(self, prefix: str = "clv"):
@@ -28,8 +47,18 @@ class Keys:
 
     @property
     def top(self) -> str:
-        """ZSET user_id -> expected CLV (top users, distribution)."""
+        """ZSET user_id -> expected CLV of the top users: all users above ``top_floor``."""
         return f"{self.prefix}:top"
+
+    @property
+    def top_floor(self) -> str:
+        """STRING: every user with CLV above this is in ``top``; absent = all scored users."""
+        return f"{self.prefix}:top:floor"
+
+    @property
+    def hist(self) -> str:
+        """HASH bucket index -> number of users (CLV distribution, ``HIST_EDGES``)."""
+        return f"{self.prefix}:hist"
 
     @property
     def meta(self) -> str:

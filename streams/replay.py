@@ -44,7 +44,7 @@ async def replay_archive(settings, store, model=None, batch: int = 2000, progres
             states[u] = st
         pending = chunk
         for _ in range(10):
-            loaded = await store.load_many(pending)
+            vers = await store.versions(pending)  # old blobs may be unreadable: that is why we rebuild
             scores = {}
             if model is not None:
                 sts = [states[u] for u in pending]
@@ -52,7 +52,7 @@ async def replay_archive(settings, store, model=None, batch: int = 2000, progres
                 now = time.time()
                 scores = {u: Score(float(sc.expected_clv[k]), float(sc.p_repeat[k]), sc.segments[k],
                                    sc.model_version, now) for k, u in enumerate(pending)}
-            ups = [Update(u, states[u], loaded[u].ver, scores.get(u)) for u in pending]
+            ups = [Update(u, states[u], vers[u], scores.get(u)) for u in pending]
             conflicts = await store.save_many(ups)
             written += len(ups) - len(conflicts)
             pending = conflicts

@@ -14,7 +14,9 @@ log = logging.getLogger("clv.rescore")
 
 async def rescore_all(store: RedisStore, model, batch: int = 1000, as_of: float | None = None,
                       progress=None) -> int:
-    """Returns the number of users rescored. Safe while workers run (compare-and-set)."""
+    """Returns the number of users rescored. Safe while workers run (compare-and-set). The top
+    set is rebuilt from the new scores (it is incomplete until the scan ends)."""
+    await store.reset_top()
     n = 0
     pattern = store.keys.user("*")
     strip = len(store.keys.user(""))

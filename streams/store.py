@@ -8,12 +8,16 @@ The dedupe markers live inside the state blob, so a write changes state and mark
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from streams.fold import State, decode_state, encode_emb, encode_state
-from streams.keys import F_AT, F_CLV, F_EMB, F_MV, F_P, F_SEG, F_STATE, F_VER, KEYS_VERSION, Keys
+from streams.keys import (
+    F_AT, F_CLV, F_EMB, F_MV, F_P, F_SEG, F_STATE, F_VER, HIST_EDGES, HIST_SINCE_STATE_VERSION, KEYS_VERSION,
+    TOP_KEEP, Keys, hist_bucket,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,10 @@ class Update:
 class FeatureStore(Protocol):
     async def load_many(self, user_ids: Sequence[str]) -> dict[str, Loaded]: ...
 
+    async def versions(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """Each user's CAS version, without decoding state (a rebuild overwrites old blobs)."""
+        ...
+
     async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None) -> list[str]:
         """Write updates atomically; returns user ids whose version moved (not written)."""
         ...
@@ -56,9 +64,12 @@ class FeatureStore(Protocol):
 class MemoryStore:
     """In-process store with the same semantics (for unit tests and the offline replay)."""
 
-    def __init__(self) -> None:
+    def __init__(self, top_keep: int = TOP_KEEP) -> None:
         self.rows: dict[str, dict] = {}
-        self.top: dict[str, float] = {}
+        self.top: dict[str, float] = {}  # users whose clv > top_floor (the Redis ``top`` zset)
+        self.top_floor = -math.inf
+        self.top_keep = top_keep
+        self.hist: dict[int, int] = {}  # bucket -> users (the Redis ``hist`` hash)
         self.stats: dict[str, int] = {}
 
     async def load_many(self, user_ids: Sequence[str]) -> dict[str, Loaded]:
@@ -71,6 +82,9 @@ class MemoryStore:
                 out[uid] = Loaded(decode_state(row[F_STATE], row.get(F_EMB)), int(row[F_VER]))
         return out
 
+    async def versions(self, user_ids: Sequence[str]) -> dict[str, int]:
+        return {u: int(self.rows[u][F_VER]) if u in self.rows else 0 for u in user_ids}
+
     async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None) -> list[str]:
         conflicts = []
         for u in updates:
@@ -78,6 +92,14 @@ class MemoryStore:
             if int(row[F_VER]) != u.expected_ver:
                 conflicts.append(u.user_id)
                 continue
+            clv = None if u.score is None else float(f"{u.score.clv:.2f}")  # as Redis stores it
+            was = hist_bucket(row[F_CLV]) if F_CLV in row and F_STATE in row else None
+            now = hist_bucket(clv if clv is not None else row[F_CLV]) if clv is not None or F_CLV in row else None
+            if was != now:
+                if was is not None:
+                    self.hist[was] -= 1
+                if now is not None:
+                    self.hist[now] = self.hist.get(now, 0) + 1
             row[F_STATE] = encode_state(u.state)
             emb = encode_emb(u.state)
             if emb is not None:
@@ -85,8 +107,14 @@ class MemoryStore:
             row[F_VER] = int(row[F_VER]) + 1
             if u.score is not None:
                 s = u.score
-                row.update({F_CLV: s.clv, F_P: s.p_repeat, F_SEG: s.segment, F_MV: s.model_version, F_AT: s.at})
-                self.top[u.user_id] = s.clv
+                row.update({F_CLV: clv, F_P: s.p_repeat, F_SEG: s.segment, F_MV: s.model_version, F_AT: s.at})
+                if clv > self.top_floor:
+                    self.top[u.user_id] = clv
+                else:
+                    self.top.pop(u.user_id, None)
+        if len(self.top) > self.top_keep:
+            self.top_floor = sorted(self.top.values())[len(self.top) - self.top_keep - 1]
+            self.top = {k: v for k, v in self.top.items() if v > self.top_floor}
         for k, v in (stats or {}).items():
             self.stats[k] = self.stats.get(k, 0) + v
         return conflicts
@@ -115,37 +143,70 @@ end
 return out
 """
 
-# KEYS[1] = top zset, KEYS[2] = stats hash, KEYS[3..] = user keys.
-# ARGV[1] = number of stats pairs n, then n*(field, incr), then per user 9 values:
-#   user_id, expected_ver, state, emb ('' = keep), clv ('' = no score), p, seg, mv, at
+# KEYS[1] = top zset, KEYS[2] = stats hash, KEYS[3] = hist hash, KEYS[4] = top floor,
+# KEYS[5..] = user keys.
+# ARGV[1] = number of stats pairs n, ARGV[2] = top keep, then n*(field, incr), then per user
+# 9 values: user_id, expected_ver, state, emb ('' = keep), clv ('' = no score), p, seg, mv, at
 # Returns the 1-based indexes (into the user list) of users whose ver moved.
+# hist: a user is counted iff it has a clv and a state blob of version >= HIST_SINCE (see
+# streams/keys.py); each write moves the user between buckets accordingly. top: the zset is
+# exactly the users whose clv > floor; past `keep` members the floor rises to the cut.
 _SAVE = """
-local nstats = tonumber(ARGV[1])
-local a = 2
+local EDGES = {@EDGES@}
+local HIST_SINCE = @HIST_SINCE@
+local function bucket(c)
+  local i = 1
+  while i <= #EDGES and c >= EDGES[i] do i = i + 1 end
+  return tostring(i - 1)
+end
+local nstats, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+local a = 3
 for i = 1, nstats do
   redis.call('HINCRBY', KEYS[2], ARGV[a], ARGV[a + 1])
   a = a + 2
 end
+local fl = redis.call('GET', KEYS[4])
+local floor = fl and tonumber(fl) or -math.huge
 local conflicts = {}
-for i = 3, #KEYS do
+for i = 5, #KEYS do
   local k = KEYS[i]
   local uid, expected = ARGV[a], ARGV[a + 1]
-  local cur = redis.call('HGET', k, 'ver') or '0'
+  local old = redis.call('HMGET', k, 'ver', 'clv', 's')
+  local cur = old[1] or '0'
   if cur ~= expected then
-    conflicts[#conflicts + 1] = i - 2
+    conflicts[#conflicts + 1] = i - 4
   else
+    local clv = ARGV[a + 4]
+    local was, now = nil, nil
+    if old[2] and old[3] and string.byte(old[3], 1) >= HIST_SINCE then was = bucket(tonumber(old[2])) end
+    if clv ~= '' then now = bucket(tonumber(clv)) elseif old[2] then now = bucket(tonumber(old[2])) end
+    if was ~= now then
+      if was then redis.call('HINCRBY', KEYS[3], was, -1) end
+      if now then redis.call('HINCRBY', KEYS[3], now, 1) end
+    end
     redis.call('HSET', k, 's', ARGV[a + 2], 'ver', tostring(tonumber(cur) + 1))
     if ARGV[a + 3] ~= '' then redis.call('HSET', k, 'e', ARGV[a + 3]) end
-    if ARGV[a + 4] ~= '' then
-      redis.call('HSET', k, 'clv', ARGV[a + 4], 'p', ARGV[a + 5], 'seg', ARGV[a + 6],
+    if clv ~= '' then
+      redis.call('HSET', k, 'clv', clv, 'p', ARGV[a + 5], 'seg', ARGV[a + 6],
                  'mv', ARGV[a + 7], 'at', ARGV[a + 8])
-      redis.call('ZADD', KEYS[1], ARGV[a + 4], uid)
+      if tonumber(clv) > floor then
+        redis.call('ZADD', KEYS[1], clv, uid)
+      else
+        redis.call('ZREM', KEYS[1], uid)
+      end
     end
   end
   a = a + 9
 end
+local n = redis.call('ZCARD', KEYS[1])
+if n > keep then
+  local cut = redis.call('ZRANGE', KEYS[1], n - keep - 1, n - keep - 1, 'WITHSCORES')[2]
+  redis.call('SET', KEYS[4], cut)
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cut)
+end
 return conflicts
-"""
+""".replace("@EDGES@", ", ".join(f"{e:.0f}" for e in HIST_EDGES)).replace(
+    "@HIST_SINCE@", str(HIST_SINCE_STATE_VERSION))
 
 
 def _f(x: float, digits: int = 6) -> str:
@@ -160,15 +221,24 @@ class RedisStore:
     group a batch by ``CLUSTER KEYSLOT`` and call the scripts once per slot.
     """
 
-    def __init__(self, client, prefix: str = "clv"):
+    def __init__(self, client, prefix: str = "clv", top_keep: int = TOP_KEEP):
+        if top_keep < 1:
+            raise ValueError(f"top_keep must be at least 1, got {top_keep}")
         self.r = client
         self.keys = Keys(prefix)
+        self.top_keep = top_keep
         self._load = client.register_script(_LOAD)
         self._save = client.register_script(_SAVE)
 
     @classmethod
     def from_settings(cls, settings) -> "RedisStore":
         return cls(redis_client(settings), settings.redis_prefix)
+
+    async def reset_top(self) -> None:
+        """Forget the top set and its floor, so that the next writes rebuild it from scratch
+        (``clv rescore`` does this before rewriting every user: after a model change that lowers
+        scores, the top set would otherwise shrink under its old floor)."""
+        await self.r.delete(self.keys.top, self.keys.top_floor)
 
     async def write_meta(self) -> None:
         from streams.fold import FEATURE_SCHEMA, STATE_VERSION
@@ -188,14 +258,20 @@ class RedisStore:
             out[uid] = Loaded(decode_state(s, e) if s else None, int(ver) if ver else 0)
         return out
 
+    async def versions(self, user_ids: Sequence[str]) -> dict[str, int]:
+        pipe = self.r.pipeline(transaction=False)
+        for u in user_ids:
+            pipe.hget(self.keys.user(u), F_VER)
+        return {u: int(v) if v else 0 for u, v in zip(user_ids, await pipe.execute())}
+
     async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None) -> list[str]:
         if not updates and not stats:
             return []
         stats = stats or {}
-        argv: list = [len(stats)]
+        argv: list = [len(stats), self.top_keep]
         for k, v in stats.items():
             argv += [k, v]
-        keys = [self.keys.top, self.keys.stats]
+        keys = [self.keys.top, self.keys.stats, self.keys.hist, self.keys.top_floor]
         for u in updates:
             keys.append(self.keys.user(u.user_id))
             emb = encode_emb(u.state) or b""

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from streams.fold import (
-    FEATURE_NAMES, RING, TEXT_DIM, apply, decode_state, encode_emb, encode_state, features, fold,
-    new_state, replay,
+    FEATURE_NAMES, FIELDS, RING, STATE_VERSION, TEXT_DIM, StateDecodeError, apply, decode_state, encode_emb,
+    encode_state, features, fold, new_state, replay,
 )
 from tests.unit.strategies import event_lists
 
@@ -60,7 +61,9 @@ def test_redelivery_by_offset_is_exact(events):
 def test_state_size_is_bounded(events):
     s = replay((e, np.full(TEXT_DIM, 0.1, np.float32) if e.type == "review" else None) for e in events)
     blob = encode_state(s)
-    assert len(blob) <= 24 + 32 + 8 * RING + 8 * 8 + 4 * 41
+    # header 3 + cats/profile 16 + watermarks 4 x <=10 + ring + codes 13 + times <=8 x 8 + counters <=41 x 4
+    # (a varint counter below 2**28 takes <= 4 bytes; the fold counts far fewer events per user)
+    assert len(blob) <= 3 + 16 + 40 + 8 * RING + 13 + 8 * 8 + 4 * 41
     emb = encode_emb(s)
     assert emb is None or len(emb) == 2 * TEXT_DIM
 
@@ -72,6 +75,47 @@ def test_codec_roundtrip(events):
     s2 = decode_state(encode_state(s), encode_emb(s))
     np.testing.assert_allclose(features(s, AS_OF), features(s2, AS_OF), rtol=1e-5, atol=1e-5)
     assert s2.ring == s.ring[-RING:] and s2.wm == s.wm
+    assert s2.cats == s.cats and s2.profile_eid == s.profile_eid
+    nt = len(FIELDS) - 41
+    assert s2.v[:nt] == s.v[:nt]  # times are exact
+    for name, a, b in zip(FIELDS, s.v, s2.v):
+        if a == int(a) and abs(a) < 2**53:  # whole-number counters are exact, the rest within f32
+            assert a == b, name
+        else:
+            assert b == np.float32(a), name
+    blob = encode_state(s2)
+    assert encode_state(decode_state(blob)) == blob  # stable: re-saving changes nothing
+
+
+@given(event_lists(user=st.just("u")), st.data())
+@settings(max_examples=50, deadline=None)
+def test_a_damaged_blob_is_refused_not_misread(events, data):
+    s = replay((e, None) for e in events)
+    for i, off in enumerate((4, 7, 11, 40, 1000)):
+        s.wm[i % len(s.wm)] = off ** 3
+    blob = encode_state(s)
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(StateDecodeError):
+        decode_state(blob[:cut])
+    with pytest.raises(StateDecodeError):
+        decode_state(blob + b"\0")
+
+
+def test_an_old_state_version_is_refused_with_the_fix():
+    blob = bytearray(encode_state(new_state()))
+    blob[0] = STATE_VERSION - 1
+    with pytest.raises(StateDecodeError, match="clv replay"):
+        decode_state(bytes(blob))
+
+
+def test_typical_blob_is_compact():
+    """Elided zeros and repeated times, varint counts: a busy user (every field set) < 260 B (v1: 344)."""
+    from tests.unit.strategies import fixed_events
+
+    s = replay((e, None) for e in fixed_events(300, users=("u",)))
+    blob = encode_state(s)
+    assert len(blob) < 260, len(blob)
+    assert decode_state(blob).v[:8] == s.v[:8]
 
 
 def test_fold_is_pure():

@@ -13,7 +13,8 @@ from prometheus_client import REGISTRY
 from serving import metrics as m
 from serving.cli import catch_up_s, fmt_catch_up
 from serving.lag import PartitionLag, compute_lag, set_gauges
-from serving.ops_page import bucket_edges
+from serving.ops_page import histogram
+from streams.keys import HIST_EDGES, hist_bucket
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "clv.json"
 REQUIRED = {
@@ -121,12 +122,15 @@ def test_lag_semantics(end, beginning, committed, lag):
     assert compute_lag(end, beginning, committed) == lag
 
 
-def test_bucket_edges_are_1_2_5_and_cover_the_max():
-    assert bucket_edges(0.5) == [1]
-    assert bucket_edges(7) == [1, 2, 5, 10]
-    assert bucket_edges(10) == [1, 2, 5, 10, 20]  # the max is in [10, 20)
-    e = bucket_edges(4.8e6)
-    assert e[-1] > 4.8e6 and e[-2] <= 4.8e6 and len(e) == 21
+def test_hist_buckets_are_1_2_5_and_the_page_shows_up_to_the_highest_user():
+    assert HIST_EDGES[:7] == (1, 2, 5, 10, 20, 50, 100) and HIST_EDGES[-1] == 5e12
+    assert [hist_bucket(x) for x in (0, 0.99, 1, 1.99, 2, 4.8e6, 5e12, float("nan"))] == [0, 0, 1, 1, 2, 20, 39, 0]
+    users, buckets = histogram({b"0": b"2", b"3": b"1", b"20": b"4", b"25": b"0"})
+    assert users == 7 and len(buckets) == 21
+    assert buckets[0] == {"lo": 0.0, "hi": 1.0, "count": 2} and buckets[1]["count"] == 0
+    assert buckets[20] == {"lo": 2e6, "hi": 5e6, "count": 4}
+    assert histogram({b"39": b"1"})[1][-1] == {"lo": 5e12, "hi": None, "count": 1}
+    assert histogram({}) == (0, [])
 
 
 def test_catch_up_estimate():
