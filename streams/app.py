@@ -77,19 +77,25 @@ class Worker:
         await self._guarded(self._score_batch(_records(events)), "score")
 
     async def _score_batch(self, records: list[Record]) -> BatchResult:
+        result = await self.process(records)
+        await self.publish(result, records)
+        return result
+
+    async def process(self, records: list[Record]) -> BatchResult:
+        """The batch step, retried whole while Redis is unavailable (idempotent)."""
         backoff = Backoff(self.s.retry_backoff_initial_s, self.s.retry_backoff_max_s)
         while True:
             try:
-                result = await self.pipeline.process(records)
-                break
+                return await self.pipeline.process(records)
             except Transient as exc:
                 self._retry("redis", exc, backoff.delay)
                 await backoff.wait()
-        backoff.reset()
-        await self._publish(result, backoff)
+
+    async def publish(self, result: BatchResult, records: list[Record]) -> None:
+        """DLQ + scores until the broker acked them, then the batch's metrics."""
+        await self._publish(result, Backoff(self.s.retry_backoff_initial_s, self.s.retry_backoff_max_s))
         if self.metrics:
             self.metrics.observe_batch(result, records)
-        return result
 
     async def _publish(self, result: BatchResult, backoff: Backoff) -> None:
         """DLQ first, then scores; wait for the broker's acks before the batch is acked."""

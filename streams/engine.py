@@ -8,6 +8,7 @@ per event, paid once per agent). One fetch is one micro-batch::
     getmany(max_records=CLV_BATCH_MAX, timeout=CLV_BATCH_WITHIN_S)
       -> Pipeline.process (decode, embed, Redis load, fold, score, Redis CAS save)
       -> DLQ (one send per reject) + scores (one record batch per scores partition), broker acks
+         (in a task: the next batch is scored meanwhile; one publish in flight, in order)
       -> the batch's decoded events join the archive buffer
       -> archive write (thread; CLV_ARCHIVE_BATCH_MAX rows or CLV_ARCHIVE_WITHIN_S seconds)
       -> commit the archived batches' offsets
@@ -116,6 +117,7 @@ class KafkaEngine:
         self.producer = None
         self.worker: BatchWorker | None = None
         self.inflight: asyncio.Future | None = None  # the batch being scored (+ buffered)
+        self.publishing: asyncio.Future | None = None  # DLQ/scores of the last batch, until acked
         self.flushing: asyncio.Future | None = None  # the archive write in flight
         self.buf: list = []  # (record, event) decoded, scored, not yet archived
         self.buf_offsets: dict = {}  # tp -> next offset, committed once ``buf`` is archived
@@ -175,7 +177,18 @@ class KafkaEngine:
                 self.inflight = None
 
     async def _step(self, records: list[Record], offsets: dict) -> None:
-        result = await self.worker._score_batch(records)
+        """Score a batch (state and scores in Redis when this returns), then hand its publishing
+        to a task, so that the broker's acks for batch N are awaited while batch N+1 is scored.
+        At most one publish is in flight; batches are published, buffered for the archive and
+        committed in order."""
+        result = await self.worker.process(records)
+        if self.publishing is not None:
+            await self.publishing
+        self.publishing = asyncio.ensure_future(self._publish(result, records, offsets))
+        self.publishing.add_done_callback(_crash_on_error)
+
+    async def _publish(self, result: BatchResult, records: list[Record], offsets: dict) -> None:
+        await self.worker.publish(result, records)
         if not self.buf_offsets:
             self.buf_t0 = time.monotonic()
         self.buf.extend(result.valid_events)
@@ -217,6 +230,8 @@ class KafkaEngine:
         """Finish the batch in flight, archive everything scored and commit it."""
         if self.inflight is not None:
             await asyncio.shield(self.inflight)
+        if self.publishing is not None:
+            await asyncio.shield(self.publishing)
         await self._flush()
 
     async def stop(self) -> None:
@@ -257,9 +272,11 @@ class _Listener:
 
 
 def _crash_on_error(fut: asyncio.Future) -> None:
+    """A publish or archive task that fails unexpectedly (their dependency errors are retried
+    inside) ends the process before anything it owes is committed."""
     if not fut.cancelled() and fut.exception() is not None:
-        log.critical("archive write failed", exc_info=fut.exception())
-        _die("an archive write failed")
+        log.critical("a publish or archive task failed", exc_info=fut.exception())
+        _die("a publish or archive task failed")
 
 
 def _die(what: str) -> None:
