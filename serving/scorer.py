@@ -84,6 +84,8 @@ class Scorer:
         meta = self.head.get_modelmeta().custom_metadata_map
         self.contract = Contract.from_metadata(meta, source=str(head))
         self.version = self.contract.model_version
+        # the embedding space the head expects the stored review means in ("none": no text)
+        self.encoder_id = meta.get("clv.encoder_id", "none")
         names = {i.name for i in self.head.get_inputs()}
         outs = {o.name for o in self.head.get_outputs()}
         if names != {"features", "text"} or not {"p_repeat", "expected_clv", "quantiles"} <= outs:
@@ -152,13 +154,42 @@ class HotScorer:
         self.current: Scorer | None = None
         self.previous: Scorer | None = None  # the model current replaced: the fallback
         self.refused: dict[str, str] = {}
+        self.held: dict[tuple, str] = {}  # (version, embedding space) -> why it waits
         self.on_change = None  # callback(version) for metrics
         self.on_refuse = None  # callback(version) for metrics
         self.maybe_reload()
 
-    def maybe_reload(self) -> bool:
+    @staticmethod
+    def space_conflict(model: "Scorer", space: str | None) -> str | None:
+        """Why ``model`` cannot score the embeddings stored in ``space`` (None: it can)."""
+        if space is None or model.encoder_id in ("none", space):
+            return None
+        return (f"model {model.version} embeds review text with encoder {model.encoder_id}, but the "
+                f"user embeddings in Redis were built with encoder {space}: mixing them would skew "
+                "every score. Run `clv replay` (workers stopped) to re-embed the archive with the "
+                "champion's encoder; workers then switch by themselves")
+
+    def hold_if_incompatible(self, space: str | None) -> bool:
+        """Stop serving the current model if it cannot score embeddings built in ``space``
+        (state keeps being folded, scores wait). True if it was taken out of service."""
+        cur = self.current
+        why = self.space_conflict(cur, space) if cur is not None else None
+        if why is None:
+            return False
+        self.held[(cur.version, space)] = why
+        self.current, self.previous = None, None
+        log.error("not serving model %s: %s", cur.version, why)
+        if self.on_refuse:
+            self.on_refuse(cur.version)
+        return True
+
+    def maybe_reload(self, space: str | None = None) -> bool:
+        """Swap to the registry's champion if it is new, loads, keeps the contract and can
+        score the embeddings stored in ``space`` (the encoder id recorded in Redis)."""
         v = self.registry.champion()
         if v is None or (self.current and self.current.version == v) or v in self.refused:
+            return False
+        if (v, space) in self.held:  # waits for a replay; re-checked when the space changes
             return False
         try:
             new = Scorer(self.registry.path(v), self.providers, self.threads)
@@ -169,6 +200,14 @@ class HotScorer:
             if self.on_refuse:
                 self.on_refuse(v)
             log.error("refusing model %s: %s; still serving %s", v, exc,
+                      self.current.version if self.current else "nothing")
+            return False
+        why = self.space_conflict(new, space)
+        if why is not None:
+            self.held[(v, space)] = why
+            if self.on_refuse:
+                self.on_refuse(v)
+            log.error("not serving model %s yet: %s; still serving %s", v, why,
                       self.current.version if self.current else "nothing")
             return False
         old = self.current.version if self.current else None

@@ -184,6 +184,26 @@ class Worker:
                 self._retry("archive", exc, backoff.delay)
                 await backoff.wait()
 
+    # ---- model ---------------------------------------------------------------------------------
+    async def reload_model(self) -> None:
+        """Check the registry for a new champion (every CLV_MODEL_POLL_S). A model may only score
+        the review embeddings stored in Redis if it was trained with the encoder that built them
+        (``clv:v1:meta`` field ``encoder_id``; the first text model to score claims it)."""
+        scorer = self.scorer
+        if scorer is None:
+            return
+        try:
+            space = await self.store.embedding_space()
+            cur = scorer.current
+            if space is None and cur is not None and cur.encoder_id != "none":
+                space = await self.store.claim_embedding_space(cur.encoder_id)
+        except Exception as exc:  # noqa: BLE001 - Redis away: check again at the next poll
+            log.warning("model check skipped: cannot read the embedding space from Redis (%s: %s)",
+                        type(exc).__name__, exc)
+            return
+        scorer.hold_if_incompatible(space)
+        await asyncio.get_running_loop().run_in_executor(None, scorer.maybe_reload, space)
+
     # ---- safety --------------------------------------------------------------------------------
     async def _guarded(self, coro, what: str) -> None:
         """Run a batch so that neither cancellation nor a bug acks unfinished work.
@@ -261,12 +281,12 @@ def create_app(settings, scorer=None, metrics=None):
 
     @app.timer(settings.model_poll_s)
     async def reload_model():
-        if scorer is not None:
-            await asyncio.get_running_loop().run_in_executor(None, scorer.maybe_reload)
+        await worker.reload_model()
 
     @app.task
     async def on_start():
         await worker.store.write_meta()
+        await worker.reload_model()
         if metrics:
             await metrics.start(app)
 

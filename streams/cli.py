@@ -136,6 +136,9 @@ def replay(score: bool = typer.Option(True, help="also score with the champion (
         with Progress() as bar:
             task = bar.add_task("replaying the archive", total=None)
             out = await replay_archive(s, store, model, progress=lambda k: bar.update(task, completed=k))
+        if model is not None and model.encoder is not None:
+            # every embedding is now in the champion's encoder space: workers may serve it
+            await store.claim_embedding_space(model.encoder_id, replace=True)
         await store.r.aclose()
         return out
 

@@ -143,6 +143,7 @@ class KafkaEngine:
         await self.producer.start()
         self.worker = BatchWorker(s, _App(self.producer), self.scorer, self.metrics)
         await self.worker.store.write_meta()
+        await self.worker.reload_model()  # before the first batch: is the champion's encoder ours?
         # pyarrow imports pandas on the first Table: ~1.5 s of CPU, not inside the first batch
         await asyncio.get_running_loop().run_in_executor(None, _warm_archive)
         self.consumer.subscribe(list(s.event_topics), listener=_listener(self))
@@ -305,8 +306,7 @@ async def serve(settings, scorer=None, metrics=None) -> None:
     async def reload() -> None:
         while True:
             await asyncio.sleep(settings.model_poll_s)
-            if scorer is not None:
-                await loop.run_in_executor(None, scorer.maybe_reload)
+            await engine.worker.reload_model()
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -240,6 +240,21 @@ class RedisStore:
         scores, the top set would otherwise shrink under its old floor)."""
         await self.r.delete(self.keys.top, self.keys.top_floor)
 
+    async def embedding_space(self) -> str | None:
+        """The encoder id (``clv.encoder_id``) the review embeddings in Redis were built with;
+        None until a worker first scores with a text model."""
+        v = await self.r.hget(self.keys.meta, "encoder_id")
+        return v.decode() if v is not None else None
+
+    async def claim_embedding_space(self, encoder_id: str, replace: bool = False) -> str:
+        """Record ``encoder_id`` as the embeddings' space if none is recorded (``replace``:
+        always, after a replay re-embedded everything). Returns the recorded space."""
+        if replace:
+            await self.r.hset(self.keys.meta, "encoder_id", encoder_id)
+            return encoder_id
+        await self.r.hsetnx(self.keys.meta, "encoder_id", encoder_id)
+        return await self.embedding_space() or encoder_id
+
     async def write_meta(self) -> None:
         from streams.fold import FEATURE_SCHEMA, STATE_VERSION
 

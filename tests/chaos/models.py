@@ -41,15 +41,17 @@ KINDS = ("good", "nan", "shape", "contract", "outputs")
 F = len(FEATURE_NAMES)
 
 
-def _contract_metadata(version: str, kind: str) -> dict[str, str]:
+def _contract_metadata(version: str, kind: str, encoder_id: str | None = None) -> dict[str, str]:
     meta = Contract.current(version, 39, THRESHOLDS).to_metadata()
+    if encoder_id is not None:  # the embedding space the head was trained in (export stamps it)
+        meta["clv.encoder_id"] = encoder_id
     if kind == "contract":
         meta["clv.feature_names"] = json.dumps(list(FEATURE_NAMES[:-1]))
         meta["clv.feature_schema"] = f"clv-features-v1-{F - 1}"
     return meta
 
 
-def head_model(version: str, kind: str = "good", seed: int = 0) -> bytes:
+def head_model(version: str, kind: str = "good", seed: int = 0, encoder_id: str | None = None) -> bytes:
     """Serialized ONNX head of ``kind`` stamped with model version ``version``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -112,7 +114,7 @@ def head_model(version: str, kind: str = "good", seed: int = 0) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="tests.chaos.models")
     model.ir_version = 8
-    helper.set_model_props(model, _contract_metadata(version, kind))
+    helper.set_model_props(model, _contract_metadata(version, kind, encoder_id))
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
@@ -176,10 +178,10 @@ def write_tokenizer(path: Path) -> None:
 
 
 def write_model_dir(path: Path, version: str, kind: str = "good", seed: int = 0,
-                    encoder: bool = False) -> Path:
+                    encoder: bool = False, encoder_id: str | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "head.onnx").write_bytes(head_model(version, kind, seed))
+    (path / "head.onnx").write_bytes(head_model(version, kind, seed, encoder_id))
     if encoder:
         (path / "encoder.onnx").write_bytes(encoder_model(seed))
         write_tokenizer(path / "tokenizer.json")
@@ -196,13 +198,13 @@ def corrupt_model_dir(path: Path, seed: int = 0) -> Path:
 
 
 def register(registry, version: str, kind: str = "good", *, champion: bool = False,
-             seed: int = 0, encoder: bool = False) -> Path:
+             seed: int = 0, encoder: bool = False, encoder_id: str | None = None) -> Path:
     """Build a model of ``kind`` (or ``corrupt``) next to the registry and move it in."""
     tmp = Path(registry.root) / f".build-{version}-{os.getpid()}"
     if kind == "corrupt":
         corrupt_model_dir(tmp, seed)
     else:
-        write_model_dir(tmp, version, kind, seed, encoder)
+        write_model_dir(tmp, version, kind, seed, encoder, encoder_id)
     dst = registry.register(tmp, version, reason=f"chaos test: {kind}")
     if champion:
         registry.set_champion(version, reason=f"chaos test: {kind}")
