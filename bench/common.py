@@ -88,7 +88,7 @@ class Services:
 
 
 @contextlib.contextmanager
-def stack(partitions: int = 4, need_kafka: bool = True) -> Iterator[Services]:
+def stack(partitions: int = 4, need_kafka: bool = True, redis_fsync: str = "always") -> Iterator[Services]:
     kafka, redis_url = os.environ.get("CLV_BENCH_KAFKA"), os.environ.get("CLV_BENCH_REDIS")
     root = Path(tempfile.mkdtemp(prefix="clv-bench-"))
     try:
@@ -98,6 +98,7 @@ def stack(partitions: int = 4, need_kafka: bool = True) -> Iterator[Services]:
         from tests.conftest import InfraStack
 
         st = InfraStack(root / "stack", partitions=partitions)
+        st.env["CLV_INFRA_REDIS_APPENDFSYNC"] = redis_fsync  # infra/redis/redis.conf.tmpl
         t0 = time.perf_counter()
         st.launch(*(("kafka", "redis") if need_kafka else ("redis",)))
         print(f"[bench] services up in {time.perf_counter() - t0:.0f}s "

@@ -153,12 +153,15 @@ def main(rates: str = typer.Option("1000,5000", help="offered events/s (comma li
          runs: int = typer.Option(1, min=1),
          variant: str = typer.Option("clv worker", help="worker variant (bench/workers.py VARIANTS)"),
          env: list[str] = typer.Option([], "--env", help="extra CLV_X=Y for the worker (repeatable)"),
+         redis_fsync: str = typer.Option("always", help="Redis appendfsync: always (as shipped: every "
+                                         "batch write waits for an fsync) or everysec"),
          json_out: Path = typer.Option(None, "--json")) -> None:
-    rep = Report(f"Event -> fresh score latency at a fixed offered rate ({variant})",
+    rep = Report(f"Event -> fresh score latency at a fixed offered rate ({variant}, Redis appendfsync "
+                 f"{redis_fsync})",
                  ["model", "batch within s", "run", "offered/s", "scores", "scored p50 ms", "scored p99 ms",
                   "seen p50 ms", "seen p99 ms", "events <= 50 ms", "drain after feed s", "load"])
     best = None
-    with stack() as svc:
+    with stack(redis_fsync=redis_fsync) as svc:
         for kind in [k.strip() for k in models.split(",") if k.strip()]:
             for wv, rate in [(float(w), float(r)) for r in rates.split(",") if r.strip()
                              for w in within.split(",") if w.strip()]:

@@ -18,6 +18,7 @@
 #   CLV_INFRA_KAFKA_PARTITIONS=4 CLV_INFRA_KAFKA_OFFSETS_PARTITIONS=8
 #   CLV_INFRA_KAFKA_HEAP_OPTS="-Xms256m -Xmx512m" CLV_INFRA_KAFKA_SESSION_TIMEOUT_MS=4000
 #   CLV_INFRA_REDIS_PORT=16379 CLV_INFRA_REDIS_PASSWORD (optional requirepass)
+#   CLV_INFRA_REDIS_APPENDFSYNC=always|everysec (always: no acknowledged write is lost if Redis dies)
 #   CLV_INFRA_PROM_PORT=19090 CLV_INFRA_SCRAPE_TARGETS=127.0.0.1:6066 CLV_INFRA_SCRAPE_INTERVAL=1s
 #   CLV_INFRA_METRICS_PATH=/metrics
 #   CLV_INFRA_TIMEOUT_S=120 (wait for "answers") CLV_INFRA_STOP_TIMEOUT_S=30 (SIGTERM -> SIGKILL)
@@ -44,6 +45,7 @@ KAFKA_HEAP_OPTS=${CLV_INFRA_KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}
 KAFKA_SESSION_TIMEOUT_MS=${CLV_INFRA_KAFKA_SESSION_TIMEOUT_MS:-4000}
 REDIS_PORT=${CLV_INFRA_REDIS_PORT:-16379}
 REDIS_PASSWORD=${CLV_INFRA_REDIS_PASSWORD:-}
+REDIS_APPENDFSYNC=${CLV_INFRA_REDIS_APPENDFSYNC:-always}
 PROM_PORT=${CLV_INFRA_PROM_PORT:-19090}
 SCRAPE_TARGETS=${CLV_INFRA_SCRAPE_TARGETS:-127.0.0.1:6066}
 SCRAPE_INTERVAL=${CLV_INFRA_SCRAPE_INTERVAL:-1s}
@@ -369,8 +371,10 @@ start_redis() {
     require_port_free "$REDIS_PORT" "Redis, CLV_INFRA_REDIS_PORT"
     local auth=""
     [[ -n $REDIS_PASSWORD ]] && auth="requirepass \"$REDIS_PASSWORD\""
+    [[ $REDIS_APPENDFSYNC == always || $REDIS_APPENDFSYNC == everysec ]] ||
+      die "CLV_INFRA_REDIS_APPENDFSYNC must be 'always' or 'everysec', not '$REDIS_APPENDFSYNC'"
     render "$SCRIPT_DIR/redis/redis.conf.tmpl" "$REDIS_CONF" "PORT=$REDIS_PORT" "DIR=$REDIS_DATA" \
-      "PIDFILE=$RUN/redis.pid" "LOGFILE=$LOGS/redis.log" "AUTH=$auth"
+      "PIDFILE=$RUN/redis.pid" "LOGFILE=$LOGS/redis.log" "AUTH=$auth" "APPENDFSYNC=$REDIS_APPENDFSYNC"
     say "starting redis on 127.0.0.1:$REDIS_PORT"
     redis-server "$REDIS_CONF" </dev/null >>"$LOGS/redis.log" 2>&1 9>&- ||
       fail_start redis "redis-server refused to start" "$LOGS/redis.log"
