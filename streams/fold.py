@@ -29,9 +29,12 @@ user's events on other topics have rotated the ring.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from hashlib import blake2b
+from itertools import repeat
+from operator import itemgetter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -383,6 +386,17 @@ def _fill(s: State, as_of: float, out: np.ndarray) -> None:
 # (the three click reference times are always equal, last_ts often equals one of them).
 # Times and whole-number counters round-trip exactly; other counters round to f32 as in v1.
 # The embedding is stored separately (float16) so users without reviews pay nothing.
+#
+# Speed (bench/codec.py): the worker decodes and encodes every touched user once per
+# micro-batch, so both sides avoid per-field byte handling. The encoder classifies each field
+# in one tight loop into a struct format character (" " = zero, which struct ignores; "B" =
+# whole < 128 or, as "b", a back-reference; "Ns" = a longer varint; "f" / "d") and packs all
+# values with one cached ``struct.Struct`` per format; the format string also keys the cached
+# 13 code bytes. The decoder reads all values with one cached Struct per code pattern, taking
+# each varint for one byte (a whole number < 128); where one is longer it reads that varint
+# and continues with the Struct for the fields after it. Anything unexpected (an unknown
+# version, a short or long blob, a bad back-reference) is re-read by ``_decode_checked``, the
+# field-by-field reference decoder, which raises the precise error.
 _HDR = struct.Struct("<BBB")
 _U64 = struct.Struct("<Q")
 _F64 = struct.Struct("<d")
@@ -391,6 +405,7 @@ _NS = _NT + _NN
 _NCODE = (_NS + 3) // 4
 _WHOLE_MAX = float(2**53)
 _FLAG_EMB, _FLAG_CATS, _FLAG_PEID = 1, 2, 4
+_PLAN_CACHE = 4096  # cached Structs per side; the cache is emptied when it reaches this
 
 
 def _varint(out: bytearray, n: int) -> None:
@@ -398,6 +413,14 @@ def _varint(out: bytearray, n: int) -> None:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
+
+
+def _varint_bytes(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))  # a negative n raises ValueError, as _varint does
+    out = bytearray()
+    _varint(out, n)
+    return bytes(out)
 
 
 def _read_varint(blob: bytes, off: int) -> tuple[int, int]:
@@ -413,48 +436,248 @@ def _read_varint(blob: bytes, off: int) -> tuple[int, int]:
             raise StateDecodeError("corrupt state blob: varint longer than 64 bits")
 
 
+# ---- encoder ------------------------------------------------------------------------------
+_SMALL_WHOLE = {float(n): n for n in range(1, 0x80)}  # 1.0..127.0 -> the int (1-byte varint)
+_VARINT_FMT = tuple(f"{n}s" for n in range(11))  # a varint of n bytes, packed as bytes
+_FMT_CODE = {" ": 0, "B": 1, "s": 1, "f": 2, "d": 2, "b": 3}
+_ENC_PLANS: dict[str, tuple[struct.Struct, bytes]] = {}
+
+
+def _encode_plan(fmt: str) -> tuple[struct.Struct, bytes]:
+    """The Struct for a scalar format from ``encode_state`` and the 13 code bytes it implies."""
+    codes = 0
+    for i, item in enumerate(re.findall(r"\d*\D", fmt[1:])):  # one item per field
+        codes |= _FMT_CODE[item[-1]] << (i << 1)
+    plan = struct.Struct(fmt), codes.to_bytes(_NCODE, "little")
+    if len(_ENC_PLANS) >= _PLAN_CACHE:
+        _ENC_PLANS.clear()
+    _ENC_PLANS[fmt] = plan
+    return plan
+
+
+def _large_or_negative_whole(x: float, float_item: str) -> tuple[str, bytes | float]:
+    """The rare whole ``x`` that is not 1..127: a longer varint when below 2**53, else a float."""
+    if 0 < x < _WHOLE_MAX:
+        b = _varint_bytes(int(x))
+        return _VARINT_FMT[len(b)], b
+    return float_item, x
+
+
 def encode_state(s: State) -> bytes:
     ring = s.ring[-RING:]
     flags = ((_FLAG_EMB if s.emb is not None else 0) | (_FLAG_CATS if s.cats else 0)
              | (_FLAG_PEID if s.profile_eid else 0))
-    out = bytearray(_HDR.pack(STATE_VERSION, flags, len(ring)))
+    parts = [_HDR.pack(STATE_VERSION, flags, len(ring))]
     if s.cats:
-        out += _U64.pack(s.cats)
+        parts.append(_U64.pack(s.cats))
     if s.profile_eid:
-        out += s.profile_eid.to_bytes(EID_BYTES, "little")
-    for w in s.wm:
-        _varint(out, w + 1)
-    for h in ring:
-        out += h.to_bytes(EID_BYTES, "little")
+        parts.append(s.profile_eid.to_bytes(EID_BYTES, "little"))
+    w0, w1, w2, w3 = s.wm if len(s.wm) == N_TOPICS else (-2,) * 4  # (-2: the general way below)
+    if -1 <= w0 < 0x7F and -1 <= w1 < 0x7F and -1 <= w2 < 0x7F and -1 <= w3 < 0x7F:
+        parts.append(bytes((w0 + 1, w1 + 1, w2 + 1, w3 + 1)))  # every watermark a 1-byte varint
+    else:
+        parts += [_varint_bytes(w + 1) for w in s.wm]
+    parts += [h.to_bytes(EID_BYTES, "little") for h in ring]
+
     v = s.v
-    codes = 0
-    vals = bytearray()
-    for i in range(_NS):
+    fmt = "<"  # one item per field, see _FMT_CODE
+    args = []
+    put = args.append
+    small = _SMALL_WHOLE.get
+    first = v.index  # an earlier time field with the same value (the first one)
+    for i in range(_NT):
         x = v[i]
-        if x == 0:
+        if not x:
+            fmt += " "
             continue
-        if i < _NT and x in v[:i]:  # an earlier time field with the same value
-            codes |= 3 << (i << 1)
-            vals.append(v.index(x))
-        elif 0 < x < _WHOLE_MAX and x % 1 == 0:
-            codes |= 1 << (i << 1)
-            if x < 128:
-                vals.append(int(x))
-            else:
-                _varint(vals, int(x))
+        j = first(x)
+        if j < i:
+            fmt += "b"
+            put(j)
+        elif x % 1:
+            fmt += "d"
+            put(x)
+        elif (n := small(x)) is not None:
+            fmt += "B"
+            put(n)
         else:
-            codes |= 2 << (i << 1)
-            vals += _F64.pack(x) if i < _NT else _F32.pack(x)
-    out += codes.to_bytes(_NCODE, "little")
-    out += vals
-    return bytes(out)
+            item, x = _large_or_negative_whole(x, "d")
+            fmt += item
+            put(x)
+    for x in v[_NT:]:
+        if not x:
+            fmt += " "
+        elif x % 1:
+            fmt += "f"
+            put(x)
+        elif (n := small(x)) is not None:
+            fmt += "B"
+            put(n)
+        else:
+            item, x = _large_or_negative_whole(x, "f")
+            fmt += item
+            put(x)
+    st, codes = _ENC_PLANS.get(fmt) or _encode_plan(fmt)
+    parts.append(codes)
+    parts.append(st.pack(*args))  # f32 out of range raises OverflowError, as it always did
+    return b"".join(parts)
 
 
+# ---- decoder ------------------------------------------------------------------------------
 class StateDecodeError(ValueError):
     pass
 
 
+def _field_codes(codes: int) -> list[int]:
+    return [(codes >> (i << 1)) & 3 for i in range(_NS)]
+
+
+class _Run:
+    """Reads the values of the fields from ``start`` on with one ``struct`` call, taking every
+    varint among them for a single byte (a whole number below 128, the common case)."""
+
+    __slots__ = ("st", "fields", "offsets", "varints", "varint_items")
+
+    def __init__(self, codes: int, start: int):
+        fmt, self.fields, self.offsets, self.varints, size = "<", [], [], [], 0
+        for i, c in enumerate(_field_codes(codes)):
+            if i < start or not c:
+                continue
+            item = "B" if c != 2 else "d" if i < _NT else "f"
+            if c == 1:
+                self.varints.append(len(self.fields))
+            self.fields.append(i)  # the field of each value read
+            self.offsets.append(size)  # its byte offset
+            fmt += item
+            size += struct.calcsize(item)
+        self.st = struct.Struct(fmt)
+        vi = self.varints
+        # the varint values as a tuple (itemgetter with one index returns the bare item)
+        self.varint_items = itemgetter(*vi, *vi) if len(vi) == 1 else itemgetter(*vi) if vi else None
+
+
+class _DecodePlan:
+    """One 13-byte code pattern: its first run, where each field's value comes from, and the
+    back-references to resolve."""
+
+    __slots__ = ("codes", "run", "scatter", "back", "valid")
+
+    def __init__(self, codes: int):
+        fc = _field_codes(codes)
+        self.codes = codes
+        self.run = run = _Run(codes, 0)
+        # decode_state builds ext = (*values, *varints as floats, 0.0); v = scatter(ext)
+        n_vals = len(run.fields)
+        n_var = len(run.varints) if len(run.varints) != 1 else 2
+        zero = n_vals + n_var
+        src = [zero] * _NS
+        for k, i in enumerate(run.fields):
+            if fc[i] == 2:
+                src[i] = k
+        for m, k in enumerate(run.varints):
+            src[run.fields[k]] = n_vals + m
+        self.scatter = itemgetter(*src)
+        self.back = [(i, k) for k, i in enumerate(run.fields) if fc[i] == 3]  # (field, value)
+        self.valid = all(i < _NT for i, _ in self.back)  # a counter cannot refer back
+
+
+_DEC_PLANS: dict[bytes, _DecodePlan] = {}
+_DEC_RUNS: dict[tuple[int, int], _Run] = {}
+_BYTE_FLOAT = tuple(float(b) for b in range(0x80))  # a 1-byte varint as a float; >= 0x80: IndexError
+_RING_IDS = tuple(struct.Struct("<" + f"{EID_BYTES}s" * n) for n in range(RING + 1))
+_LITTLE = repeat("little")
+
+
+class _Irregular(Exception):
+    """The fast decoder met something it does not handle; _decode_checked decides."""
+
+
+def _read_long_varints(blob: bytes, off: int, plan: _DecodePlan, got: tuple) -> tuple[tuple, int]:
+    """All values after ``plan.run`` read ``got`` at ``off`` taking a longer varint for one byte:
+    read each long varint properly and go on with the run of the fields after it."""
+    run, vals = plan.run, ()
+    while True:
+        k = next((k for k in run.varints if got[k] >= 0x80), None)
+        if k is None:
+            return vals + got, off + run.st.size
+        n, off = _read_varint(blob, off + run.offsets[k])
+        vals += got[:k] + (n,)
+        key = (plan.codes, run.fields[k] + 1)
+        run = _DEC_RUNS.get(key)
+        if run is None:
+            if len(_DEC_RUNS) >= _PLAN_CACHE:
+                _DEC_RUNS.clear()
+            run = _DEC_RUNS[key] = _Run(*key)
+        got = run.st.unpack_from(blob, off)
+
+
 def decode_state(blob: bytes, emb: bytes | None = None) -> State:
+    try:
+        ver, flags, n_ring = _HDR.unpack_from(blob, 0)
+        if ver != STATE_VERSION or n_ring > RING:
+            raise _Irregular
+        off = _HDR.size
+        cats = peid = 0
+        if flags & _FLAG_CATS:
+            cats = _U64.unpack_from(blob, off)[0]
+            off += 8
+        if flags & _FLAG_PEID:
+            peid = int.from_bytes(blob[off:off + EID_BYTES], "little")
+            off += EID_BYTES
+        w0, w1, w2, w3 = blob[off:off + N_TOPICS]
+        if w0 < 0x80 and w1 < 0x80 and w2 < 0x80 and w3 < 0x80:
+            wm = [w0 - 1, w1 - 1, w2 - 1, w3 - 1]
+            off += N_TOPICS
+        else:
+            wm = []
+            for _ in range(N_TOPICS):
+                w, off = _read_varint(blob, off)
+                wm.append(w - 1)
+        ring = list(map(int.from_bytes, _RING_IDS[n_ring].unpack_from(blob, off), _LITTLE))
+        off += EID_BYTES * n_ring
+
+        code_bytes = blob[off:off + _NCODE]
+        plan = _DEC_PLANS.get(code_bytes)
+        if plan is None:
+            if len(code_bytes) != _NCODE:
+                raise _Irregular
+            if len(_DEC_PLANS) >= _PLAN_CACHE:
+                _DEC_PLANS.clear()
+            plan = _DEC_PLANS[code_bytes] = _DecodePlan(int.from_bytes(code_bytes, "little"))
+        if not plan.valid:
+            raise _Irregular
+        off += _NCODE
+        run = plan.run
+        got = run.st.unpack_from(blob, off)
+        if run.varint_items is None:
+            ext = (*got, 0.0)
+            off += run.st.size
+        else:
+            try:
+                ext = (*got, *map(_BYTE_FLOAT.__getitem__, run.varint_items(got)), 0.0)
+                off += run.st.size
+            except IndexError:  # a varint longer than one byte
+                got, off = _read_long_varints(blob, off, plan, got)
+                ext = (*got, *map(float, run.varint_items(got)), 0.0)
+        if off != len(blob):
+            raise _Irregular
+        v = list(plan.scatter(ext))
+        for i, k in plan.back:
+            j = got[k]
+            if j >= i:
+                raise _Irregular
+            v[i] = v[j]
+    except (_Irregular, struct.error, IndexError, ValueError, StateDecodeError):
+        return _decode_checked(blob, emb)
+    vec = None
+    if flags & _FLAG_EMB and emb:
+        vec = np.frombuffer(emb, dtype=np.float16).astype(np.float32)
+    return State(v, cats, ring, wm, peid, vec)
+
+
+def _decode_checked(blob: bytes, emb: bytes | None = None) -> State:
+    """Field-by-field reference decoder: the same result as ``decode_state`` on any blob, and
+    the precise error on a damaged one (decode_state hands every irregular blob to it)."""
     try:
         ver, flags, n_ring = _HDR.unpack_from(blob, 0)
         if ver != STATE_VERSION:

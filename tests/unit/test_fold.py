@@ -108,6 +108,43 @@ def test_an_old_state_version_is_refused_with_the_fix():
         decode_state(bytes(blob))
 
 
+# Written by the state-version-2 codec before it was made fast (bench/codec.py): the format is
+# a contract with every blob already in Redis, so the bytes are pinned, not just the round trip.
+GOLDEN_BLOB = bytes.fromhex(
+    "0206080500000000000080452301efcdab007f80018194ebdc03fdfffffffffffcfffffffffffbfffffffffffafffffffffff9"
+    "fffffffffff8fffffffffff7fffffffffff6ffffffffff4aff258601000000000004040000001040fc54d941000020a05055d9"
+    "4180e2cfaa0600010101ac020366e6f6420000805d7f000020c0ffffffffffffff0f800102"
+)
+IDX_SUM_AMOUNT = FIELDS.index("sum_amount")
+
+
+def _golden_state():
+    """Every kind of field: zero, whole < 128, longer varints (a whole-second time, 300, 2**53 - 1),
+    f32/f64, whole numbers the varint must not take (2**60, negative), back-references; a ring
+    longer than RING, multi-byte watermarks, a top-bit category mask, a profile tie-break."""
+    from streams.fold import IDX, State
+
+    v = [0.0] * len(FIELDS)
+    t1, t2 = 1.7e9 + 0.25, 1.7e9 + 86400.5
+    v[:8] = [t1, t2, 0.0, 1700000000.0, t1, t2, t2, t2]
+    for name, x in [("n_events", 300.0), ("n_orders", 3.0), ("sum_amount", 123.45), ("max_amount", 2.0**60),
+                    ("n_items", 127.0), ("ipt_mean", -2.5), ("ipt_m2", float(2**53 - 1)),
+                    ("n_reviews", 128.0), ("age_band", 2)]:
+        v[IDX[name]] = x
+    return State(v, (1 << 63) | 5, [(1 << 48) - 1 - k for k in range(10)], [-1, 126, 127, 10**9], 0xABCDEF012345)
+
+
+def test_codec_bytes_are_pinned():
+    s = _golden_state()
+    assert encode_state(s) == GOLDEN_BLOB
+    d = decode_state(GOLDEN_BLOB)
+    expect = list(s.v)
+    expect[IDX_SUM_AMOUNT] = float(np.float32(123.45))  # the only non-whole counter: f32
+    assert d.v == expect and all(type(x) is float for x in d.v)
+    assert (d.cats, d.ring, d.wm, d.profile_eid) == (s.cats, s.ring[-RING:], s.wm, s.profile_eid)
+    assert encode_state(d) == GOLDEN_BLOB
+
+
 def test_typical_blob_is_compact():
     """Elided zeros and repeated times, varint counts: a busy user (every field set) < 260 B (v1: 344)."""
     from tests.unit.strategies import fixed_events
