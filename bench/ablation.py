@@ -1,6 +1,7 @@
 """Ablation on simulated data: does each input add signal?
 
     .venv/bin/python bench/ablation.py [--users 8000] [--quick] [--bootstrap 200] [--report DIR] [--write DIR]
+                                       [--text-head probe|learned] [--set finetune_steps=128 ...]
 
 Simulates a shop (``streams.simulate.simulate``), turns its orders into the backtest's
 transactions (one row per order, USD, dated by UTC day) and trains the CLV model five times
@@ -48,6 +49,29 @@ def orders_frame(events):
     return df[["customer_id", "date", "amount"]].reset_index(drop=True)
 
 
+def parse_overrides(items, cfg) -> dict:
+    """``["finetune_steps=128", ...]`` -> {field: value typed like the config's current value}."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise typer.BadParameter(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        cur = getattr(cfg, key)
+        if isinstance(cur, bool):
+            val = raw.lower() in ("1", "true", "yes", "on")
+        elif isinstance(cur, tuple):
+            val = tuple(int(v) for v in raw.split(","))
+        elif cur is None:
+            val = raw
+        else:
+            val = type(cur)(raw)
+        out[key] = val
+    return out
+
+
 @app.command()
 def main(
     users: int = typer.Option(8000, "--users"),
@@ -58,7 +82,12 @@ def main(
     seed: int = typer.Option(1, "--seed", help="simulation and training seed"),
     quick: bool = typer.Option(False, "--quick", help="fast model config (1 member, no fine-tuning)"),
     members: int = typer.Option(0, "--members", help="ensemble members per arm (0 = the config default)"),
+    text_head: str = typer.Option("probe", "--text-head",
+                                  help="how the review embedding enters the head: 'probe' (cross-fitted ridge "
+                                       "scores, the default) or 'learned' (joint 384->16 layer, the old design)"),
     bootstrap: int = typer.Option(200, "--bootstrap"),
+    overrides: list[str] = typer.Option([], "--set", help="TrainConfig field=value for every arm (repeatable), "
+                                                            "e.g. --set finetune_steps=128 --set finetune_texts=4096"),
     report: Path = typer.Option(None, "--report", help="write the HTML report here"),
     write: Path = typer.Option(None, "--write", help="also write transactions.csv + events.jsonl here"),
 ) -> None:
@@ -103,9 +132,10 @@ def main(
     t_cuts = train_cutoffs(tx, window, 3)
     models: list[ModelScores] = []
     infos = {}
-    base_cfg = TrainConfig(seed=seed, quick=quick)
+    base_cfg = TrainConfig(seed=seed, quick=quick, text_head=text_head)
     if members:
         base_cfg = dataclasses.replace(base_cfg, n_ensemble=members)
+    base_cfg = dataclasses.replace(base_cfg, **parse_overrides(overrides, base_cfg))
     for name, kinds, switches in ARMS:
         side = [e for e in events if e.type in kinds]
         cfg = dataclasses.replace(base_cfg, **switches)
@@ -130,6 +160,21 @@ def main(
     end = day_end_epoch(cut)
     writers = {e.user_id for e in events if e.type == "review" and e.text and e.ts <= end}
     sub = np.array([u in writers for u in ids])
+    # how many scored customers the hidden plan (streams/sim: told only in review text) can help
+    from streams.sim.text import PLAN
+
+    told: dict[str, str] = {}
+    for e in events:
+        if e.type == "review" and e.text and e.ts <= end:
+            for kind, phrases in PLAN.items():
+                if any(ph in e.text for ph in phrases):
+                    told[e.user_id] = kind
+    plan_counts = {}
+    for kind in PLAN:
+        m_ = np.array([told.get(u) == kind for u in ids])
+        plan_counts[kind] = {"customers": int(m_.sum()), "mean spend": round(float(y[m_].mean()), 1) if m_.any() else None}
+    out.print(f"scored customers {len(ids)} (mean spend {float(np.mean(y)):.1f}), with review text {int(sub.sum())}; "
+              f"told a plan before the cutoff: {plan_counts}")
     sub_ev = None
     if sub.sum() >= 50:
         arms = [m for m in models if m.name in {a[0] for a in ARMS}]
@@ -143,8 +188,10 @@ def main(
         "simulation": f"{users} users, {days:g} days from {start}, seed {seed}",
         "cutoff": str(cut.date()), "horizon days": h, "customers": len(ids),
         "buyers in horizon": int((y > 0).sum()),
+        "told a plan in review text": plan_counts,
         "training windows": ", ".join(f"{t.date()}+{window.train_days:.0f}d" for t in t_cuts),
-        "model config": "quick" if quick else f"default ({base_cfg.n_ensemble} members)",
+        "model config": ("quick" if quick else f"default ({base_cfg.n_ensemble} members)") + f", text head {text_head}"
+                        + "".join(f", {o}" for o in overrides),
         "arms": infos,
     }
     if report is not None:

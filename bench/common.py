@@ -92,7 +92,7 @@ def stack(partitions: int = 4, need_kafka: bool = True, redis_fsync: str = "alwa
     kafka, redis_url = os.environ.get("CLV_BENCH_KAFKA"), os.environ.get("CLV_BENCH_REDIS")
     root = Path(tempfile.mkdtemp(prefix="clv-bench-"))
     try:
-        if redis_url and (kafka or not need_kafka):
+        if redis_url and (kafka or not need_kafka) and redis_fsync == "always":  # the shared stack's setting
             yield Services(kafka or "", redis_url, root, partitions)
             return
         from tests.conftest import InfraStack
