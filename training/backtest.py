@@ -122,6 +122,9 @@ def fit_model(tx, side_events: Sequence, window, ids: list[str], t_cutoffs: Sequ
     info = {"train_rows": int(sum(len(p) for p in train_parts)), "build_seconds": round(build_s, 1),
             "fit_seconds": round(fit_s, 1), "text_used": bool(fitted.uses_text),
             "members": len(fitted.info.get("members", [])), "device": fitted.info.get("device")}
+    if "text_probe" in fitted.info:
+        info["text_probe"] = {k: fitted.info["text_probe"][k] for k in ("writers", "alpha", "oof_corr")
+                              if k in fitted.info["text_probe"]}
     if notes is not None and not fitted.uses_text and any(t for p in train_parts for t in p.texts):
         notes.append("the events have review text but the model was trained without it (use_text off)")
     return ModelScores(

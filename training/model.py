@@ -103,12 +103,20 @@ def ziln_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 class ZILNNet(nn.Module):
-    """features [N, F] raw + text [N, 384] -> ZILN logits [N, 3]."""
+    """features [N, F] raw + text [N, 384] -> ZILN logits [N, 3].
+
+    ``text_head="probe"`` (default): the text enters as ``text_proj`` fixed scores,
+    ``text @ W - [text != 0] * center``, from a cross-fitted ridge probe (``training.probe``,
+    set with ``set_probe``; not trained with the MLP). ``"learned"``: a Linear(384 ->
+    text_proj) trained jointly with the MLP (the earlier design; it overfits small data)."""
 
     def __init__(self, hidden: Sequence[int] = (64, 32), text_proj: int = 16, dropout: float = 0.1,
-                 mask: Sequence[float] | None = None, use_text: bool = True):
+                 mask: Sequence[float] | None = None, use_text: bool = True, text_head: str = "learned"):
         super().__init__()
+        if text_head not in ("probe", "learned"):
+            raise ValueError(f"text_head must be 'probe' or 'learned', got {text_head!r}")
         nf = len(FEATURE_NAMES)
+        self.text_head = text_head
         self.register_buffer("log_mask", torch.tensor([1.0 if n in LOG_FEATURES else 0.0 for n in FEATURE_NAMES]))
         self.register_buffer("mean", torch.zeros(nf))
         self.register_buffer("std", torch.ones(nf))
@@ -117,7 +125,11 @@ class ZILNNet(nn.Module):
         self.register_buffer("mask", torch.tensor(list(mask) if mask is not None else [1.0] * nf))
         self.register_buffer("text_gate", torch.tensor(1.0 if use_text else 0.0))
         self.register_buffer("shift", torch.zeros(3))  # added to the logits: calibration of mu
-        self.text = nn.Linear(TEXT_DIM, text_proj)
+        self.register_buffer("text_center", torch.zeros(text_proj))  # probe: writers' mean score
+        self.text = nn.Linear(TEXT_DIM, text_proj, bias=text_head == "learned")
+        if text_head == "probe":
+            nn.init.zeros_(self.text.weight)
+            self.text.weight.requires_grad_(False)
         layers: list[nn.Module] = []
         width = nf + text_proj
         for h in hidden:
@@ -125,6 +137,14 @@ class ZILNNet(nn.Module):
             width = h
         self.mlp = nn.Sequential(*layers)
         self.out = nn.Linear(width, 3)
+
+    def set_probe(self, weight, center) -> None:
+        """Fixed text scores: ``weight`` [TEXT_DIM, text_proj], ``center`` [text_proj]."""
+        if self.text_head != "probe":
+            raise ValueError("set_probe needs text_head='probe'")
+        with torch.no_grad():
+            self.text.weight.copy_(torch.as_tensor(weight, dtype=torch.float32).T)
+            self.text_center.copy_(torch.as_tensor(center, dtype=torch.float32))
 
     def set_scaler(self, mean, std, lo=None, hi=None) -> None:
         """Standardisation, and optional bounds (standardised units) the inputs are clipped to."""
@@ -153,8 +173,18 @@ class ZILNNet(nn.Module):
         x = (log_transform(features, self.log_mask) - self.mean) / self.std
         return torch.minimum(torch.maximum(x, self.lo), self.hi) * self.mask
 
-    def forward(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        t = self.text(text * self.text_gate)
+    def text_scores(self, text: torch.Tensor) -> torch.Tensor:
+        t = text * self.text_gate
+        if self.text_head == "learned":
+            return self.text(t)
+        has = (t.abs().sum(dim=1, keepdim=True) > 0).to(t.dtype)  # zero embedding: no review text
+        return self.text(t) - has * self.text_center
+
+    def forward(self, features: torch.Tensor, text: torch.Tensor,
+                scores: torch.Tensor | None = None) -> torch.Tensor:
+        """``scores``: text scores to use instead of ``text_scores(text)`` (training on the
+        probe's out-of-fold scores)."""
+        t = self.text_scores(text) if scores is None else scores * self.text_gate
         return self.out(self.mlp(torch.cat([self.standardise(features), t], dim=1))) + self.shift
 
 

@@ -1,5 +1,6 @@
 """Fit the CLV model: (optionally) fine-tune the text encoder's top layers, embed reviews,
-train an ensemble of ZILN heads with early stopping, derive segment thresholds.
+fit the text probe (``training.probe``), train an ensemble of ZILN heads with early
+stopping, derive segment thresholds.
 
     fit(train: list[Examples] | Examples, cfg, valid=None) -> FittedModel
     FittedModel.predict(ex) -> Prediction(p_repeat, expected_clv, quantiles [N, 3])
@@ -25,6 +26,7 @@ from streams.fold import FEATURE_NAMES
 from training.dataset import Examples, concat, model_inputs
 
 log = logging.getLogger("clv.train")
+N_PROBE = 2  # text scores of the "probe" head: any purchase, log1p spend (training.probe.probe_targets)
 SEGMENT_QUANTILES = {"vip": 0.95, "high": 0.80, "mid": 0.50}
 
 
@@ -36,7 +38,9 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05  # AdamW (decoupled); 0.05 beat 1e-4 on CDNOW in both protocols
     hidden: tuple[int, ...] = (64, 32)
-    text_proj: int = 16  # 384-d review embedding -> this many inputs of the MLP
+    text_head: str = "probe"  # "probe": cross-fitted ridge text scores (training.probe); "learned": joint layer
+    text_proj: int = 16  # "learned" only: 384-d review embedding -> this many inputs of the MLP
+    probe_folds: int = 5  # "probe": user-grouped folds for the out-of-fold scores and the ridge penalty
     dropout: float = 0.1
     patience: int = 12  # epochs without validation improvement before stopping
     valid_fraction: float = 0.15  # users held out for early stopping when no valid set is given
@@ -229,10 +233,17 @@ def _train_member(k: int, cfg: TrainConfig, data: dict, stats: dict, device: str
 
     seed = cfg.seed + k
     _seed_all(seed)
-    net = ZILNNet(cfg.hidden, cfg.text_proj, cfg.dropout,
-                  feature_mask(cfg.use_clicks, stats["text_used"], cfg.use_profile), stats["text_used"])
+    probe = stats.get("probe")
+    width = cfg.text_proj if cfg.text_head == "learned" else N_PROBE
+    net = ZILNNet(cfg.hidden, width, cfg.dropout,
+                  feature_mask(cfg.use_clicks, stats["text_used"], cfg.use_profile), stats["text_used"],
+                  text_head=cfg.text_head)
     net.set_scaler(stats["mean"], stats["std"], stats.get("lo"), stats.get("hi"))
     net.init_output(stats["p"], stats["mu"], stats["sigma"])
+    oof = None
+    if probe is not None:  # the head trains on out-of-fold text scores, serves the full probe
+        net.set_probe(probe.weight, probe.center)
+        oof = torch.from_numpy(probe.oof).to(device)
     net.to(device)
     xf, xt, y = (torch.from_numpy(a).to(device) for a in data["train"])
     vf, vt, vy = (torch.from_numpy(a).to(device) for a in data["valid"])
@@ -245,7 +256,7 @@ def _train_member(k: int, cfg: TrainConfig, data: dict, stats: dict, device: str
         perm = torch.randperm(n, generator=gen).to(device)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            loss = ziln_loss(net(xf[idx], xt[idx]), y[idx])
+            loss = ziln_loss(net(xf[idx], xt[idx], None if oof is None else oof[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -301,6 +312,8 @@ def fit(train: Sequence[Examples] | Examples, cfg: TrainConfig | None = None,
         raise ValueError(f"valid horizon {valid.horizon_days} d != train horizon {ex.horizon_days} d")
     if cfg.clip not in ("sigma", "range"):
         raise ValueError(f"clip must be 'sigma' or 'range', got {cfg.clip!r}")
+    if cfg.text_head not in ("probe", "learned"):
+        raise ValueError(f"text_head must be 'probe' or 'learned', got {cfg.text_head!r}")
     _seed_all(cfg.seed)
     device = pick_device(cfg.device)
     if valid is None:
@@ -344,6 +357,14 @@ def fit(train: Sequence[Examples] | Examples, cfg: TrainConfig | None = None,
              "sigma": float(logpos.std()) if len(logpos) > 1 else 1.0}
     if cfg.clip == "range":
         stats["lo"], stats["hi"] = (z.min(0) - stats["mean"]) / std, (z.max(0) - stats["mean"]) / std
+    if encoder is not None and cfg.text_head == "probe":
+        from training.probe import fit_probe, probe_targets
+
+        t2 = time.perf_counter()
+        users = [ex.user_ids[i] for i in tr_idx]  # never the validation users
+        stats["probe"] = fit_probe(data["train"][1], probe_targets(ytr), users, folds=cfg.probe_folds, seed=cfg.seed)
+        info["text_probe"] = {**stats["probe"].record, "seconds": round(time.perf_counter() - t2, 2)}
+        log.info("text probe: %s", info["text_probe"])
     members, records = [], []
     with _threads(1):
         for k in range(cfg.n_ensemble):
