@@ -18,13 +18,14 @@ log = logging.getLogger("clv.trainer")
 
 def _job(quick: bool, events: Optional[Path], horizon_weeks: Optional[int], cutoffs: int, step_days: float,
          users: str, promote: bool, seed: int, device: str, int8: Optional[str], finetune_layers: Optional[int],
-         ensemble: Optional[int], epochs: Optional[int], gini_tolerance: float, mape_tolerance: float):
+         ensemble: Optional[int], epochs: Optional[int], gini_tolerance: float, mape_tolerance: float,
+         refit_encoder: bool = False):
     from streams.settings import get_settings
     from training.train import TrainConfig
     from training.trainer import Job, Policy
 
     settings = get_settings()
-    cfg = TrainConfig(seed=seed, quick=quick, device=device)
+    cfg = TrainConfig(seed=seed, quick=quick, device=device, refit_encoder=refit_encoder)
     over = {"int8": int8, "finetune_layers": finetune_layers, "n_ensemble": ensemble, "epochs": epochs}
     cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in over.items() if v is not None}})
     if users not in ("all", "active"):
@@ -52,6 +53,8 @@ _O = {
     "epochs": typer.Option(None, "--epochs", min=1, help="max epochs per member"),
     "gini_tolerance": typer.Option(0.0, "--gini-tolerance", min=0.0, help="promote if Gini >= champion's - this"),
     "mape_tolerance": typer.Option(0.02, "--mape-tolerance", min=0.0, help="... and decile MAPE <= champion's + this"),
+    "refit_encoder": typer.Option(False, "--refit-encoder", help="fine-tune a new text encoder instead of reusing "
+                                  "the champion's (new embedding space: run `clv replay` after promoting)"),
 }
 
 
@@ -62,12 +65,12 @@ def train(quick: bool = _O["quick"], events: Optional[Path] = _O["events"],
           seed: int = _O["seed"], device: str = _O["device"], int8: Optional[str] = _O["int8"],
           finetune_layers: Optional[int] = _O["finetune_layers"], ensemble: Optional[int] = _O["ensemble"],
           epochs: Optional[int] = _O["epochs"], gini_tolerance: float = _O["gini_tolerance"],
-          mape_tolerance: float = _O["mape_tolerance"]) -> None:
+          mape_tolerance: float = _O["mape_tolerance"], refit_encoder: bool = _O["refit_encoder"]) -> None:
     """One shot: read events -> point-in-time sets -> train -> evaluate -> export -> register -> promote."""
     from training.trainer import train_once
 
     settings, job = _job(quick, events, horizon_weeks, cutoffs, step_days, users, promote, seed, device, int8,
-                         finetune_layers, ensemble, epochs, gini_tolerance, mape_tolerance)
+                         finetune_layers, ensemble, epochs, gini_tolerance, mape_tolerance, refit_encoder)
     try:
         out = train_once(settings, job)
     except (ValueError, FileNotFoundError) as exc:
@@ -87,7 +90,7 @@ def trainer(every: str = typer.Option("6h", "--every", help="period: 6h, 30m, 1d
             seed: int = _O["seed"], device: str = _O["device"], int8: Optional[str] = _O["int8"],
             finetune_layers: Optional[int] = _O["finetune_layers"], ensemble: Optional[int] = _O["ensemble"],
             epochs: Optional[int] = _O["epochs"], gini_tolerance: float = _O["gini_tolerance"],
-            mape_tolerance: float = _O["mape_tolerance"]) -> None:
+            mape_tolerance: float = _O["mape_tolerance"], refit_encoder: bool = _O["refit_encoder"]) -> None:
     """Long-running: train now and every --every; a failed run is logged and retried next period."""
     import signal
     import threading
@@ -99,7 +102,7 @@ def trainer(every: str = typer.Option("6h", "--every", help="period: 6h, 30m, 1d
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     settings, job = _job(quick, events, horizon_weeks, cutoffs, step_days, users, promote, seed, device, int8,
-                         finetune_layers, ensemble, epochs, gini_tolerance, mape_tolerance)
+                         finetune_layers, ensemble, epochs, gini_tolerance, mape_tolerance, refit_encoder)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()

@@ -322,13 +322,24 @@ def export_model(fitted, out_dir: Path, model_version: str, horizon_weeks: int, 
     if enc is not None:
         enc_meta = {"clv.model_version": model_version, "clv.encoder_id": encoder_id,
                     "clv.text_dim": str(TEXT_DIM), "clv.pooling": "mean+l2", "clv.max_tokens": "256"}
-        # only the pretrained encoder is worth caching: a fine-tuned one is new every run
-        cache = cache_dir if encoder_id.startswith("base-") else None
-        card["encoder"] = export_encoder(enc, out_dir / "encoder.onnx", enc_meta, cache)
-        tok = serving_tokenizer(enc.path / "tokenizer.json", out_dir / "tokenizer.json")
+        tok_src = enc.path / "tokenizer.json"
+        if enc.adopted is not None:  # the champion's graph, byte for byte, restamped
+            shutil.copyfile(enc.adopted, out_dir / "encoder.onnx")
+            stamp(out_dir / "encoder.onnx", enc_meta)
+            card["encoder"] = {"fingerprint": encoder_id, "reused_from": str(enc.adopted)}
+            if (enc.adopted.parent / "tokenizer.json").exists():
+                tok_src = enc.adopted.parent / "tokenizer.json"
+            int8 = "off"  # served as the champion served it (fp32 or int8)
+        else:
+            # only the pretrained encoder is worth caching: a fine-tuned one is new every run
+            cache = cache_dir if encoder_id.startswith("base-") else None
+            card["encoder"] = export_encoder(enc, out_dir / "encoder.onnx", enc_meta, cache)
+        tok = serving_tokenizer(tok_src, out_dir / "tokenizer.json")
         texts = list(dict.fromkeys([*fitted.info.get("_texts", []), *DEFAULT_TEXTS]))[:128]
         cached = card["encoder"].pop("parity", None)
-        if enc.torch_loaded or cached is None:
+        if enc.adopted is not None:
+            card["parity"]["encoder"] = {"reused": True, "note": "the champion's graph, checked when it was exported"}
+        elif enc.torch_loaded or cached is None:
             card["parity"]["encoder"] = encoder_parity(enc, out_dir / "encoder.onnx", tok, texts)
         else:  # a copy of the cached graph, whose parity was checked when it was cached
             card["parity"]["encoder"] = {**cached, "checked_when_cached": True}

@@ -75,6 +75,7 @@ class TextEncoder:
         self.path = Path(path) if path else model_path()
         self.device = pick_device(device)
         self.finetuned: dict = {}  # fine-tuning record (empty: pretrained weights)
+        self.adopted: Path | None = None  # encoder.onnx of another model, reused as is (``adopt``)
         self._cache: dict[str, np.ndarray] = {}
         self._fp: str | None = None
         self._model = self._tokenizer = None
@@ -119,6 +120,25 @@ class TextEncoder:
         from training.export import _ort_session, serving_tokenizer
 
         self._ort = (_ort_session(Path(path), threads=0), serving_tokenizer(self.path / "tokenizer.json"))
+
+    def adopt(self, model_dir: Path) -> dict:
+        """Embed with another model's exported encoder (``model_dir/encoder.onnx``) and take
+        its ``clv.encoder_id``: a retrained head then lives in the embedding space of the review
+        means already stored in Redis. No torch weights are loaded; export copies that graph."""
+        import onnx
+
+        path = Path(model_dir) / "encoder.onnx"
+        if not path.exists():
+            raise FileNotFoundError(f"{model_dir} has no encoder.onnx to reuse; train with --refit-encoder")
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        enc_id = meta.get("clv.encoder_id")
+        if not enc_id:
+            raise ValueError(f"{path} carries no clv.encoder_id; it cannot name its embedding space")
+        self.use_onnx(path)
+        self._fp = enc_id
+        self.adopted = path
+        log.info("reusing the text encoder of %s (%s)", model_dir, enc_id)
+        return {"from": str(model_dir), "encoder_id": enc_id}
 
     # ---- inference -------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], max_length: int = MAX_TOKENS):

@@ -63,6 +63,11 @@ class TrainConfig:
     # (off: on CDNOW the members are already calibrated on same-period users; their spread
     # comes from extrapolating to older customers, which this cannot see - measured no gain)
     cache_dir: str | None = None  # keeps the exported pretrained encoder; embeds with it (fast)
+    # A model folder whose text encoder (encoder.onnx, its clv.encoder_id) is reused as it is:
+    # no fine-tuning, the same embedding space as the review means already in Redis. The trainer
+    # sets it to the champion unless ``refit_encoder`` (docs/redis.md, "Embedding space").
+    encoder_from: str | None = None
+    refit_encoder: bool = False
 
     def effective(self) -> "TrainConfig":
         """The config actually used (``quick`` applied)."""
@@ -326,7 +331,9 @@ def fit(train: Sequence[Examples] | Examples, cfg: TrainConfig | None = None,
     encoder = None
     if cfg.use_text and any(ex.texts):
         encoder = TextEncoder(device)
-        if cfg.finetune_layers > 0:
+        if cfg.encoder_from:
+            info["encoder_reused"] = encoder.adopt(Path(cfg.encoder_from))
+        elif cfg.finetune_layers > 0:
             info["finetune"] = _finetune(encoder, ex.subset(tr_idx), cfg)  # never the validation users
         elif cfg.cache_dir:  # pretrained weights: embed with their (cached) ONNX graph
             from training.export import cached_encoder

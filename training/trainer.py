@@ -181,6 +181,7 @@ def train_once(settings, job: Job, registry: Registry | None = None) -> Outcome:
     if cfg.cache_dir is None:
         cfg = dataclasses.replace(cfg, cache_dir=str(settings.data_dir / "cache"))
     registry = registry or Registry(settings.models_dir)
+    cfg = _keep_embedding_space(cfg, registry)
     src = str(job.events_file) if job.events_file else str(settings.archive_dir)
     log.info("reading events from %s", src)
     events = load_events(settings, job.events_file)
@@ -255,6 +256,23 @@ def train_once(settings, job: Job, registry: Registry | None = None) -> Outcome:
     write_card(registry.path(version), card)
     return Outcome(version, registry.path(version), metrics, champ, champ_metrics, promoted, reason,
                    round(time.perf_counter() - t0, 1))
+
+
+def _keep_embedding_space(cfg, registry: Registry):
+    """Retrain the head on the champion's text encoder unless told to refit it: a new encoder
+    puts new embeddings in another space than the review means stored in Redis, and workers
+    will not serve it until `clv replay` re-embeds the archive (docs/redis.md)."""
+    if not cfg.use_text or cfg.encoder_from or cfg.refit_encoder:
+        if cfg.refit_encoder:
+            log.warning("--refit-encoder: this model gets a new text encoder; once promoted, workers keep "
+                        "serving the old champion until `clv replay` (workers stopped) re-embeds the archive")
+        return cfg
+    champ = registry.champion()
+    if champ is None or not (registry.path(champ) / "encoder.onnx").exists():
+        return cfg  # first text model: it defines the space (fine-tuned as configured)
+    log.info("reusing champion %s's text encoder: the embeddings in Redis stay valid "
+             "(--refit-encoder fine-tunes a new one)", champ)
+    return dataclasses.replace(cfg, encoder_from=str(registry.path(champ)))
 
 
 def _read_card(d: Path) -> dict:

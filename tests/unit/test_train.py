@@ -1,6 +1,8 @@
 """The ZILN network, fit/predict, ablations, the trainer's split, promotion and loop."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import shutil
@@ -217,6 +219,14 @@ def test_train_once_registers_promotes_and_guards_the_champion(tmp_path, tmp_pat
     assert not second.promoted and reg.champion() == first.version
     assert second.champion_metrics["gini"] == pytest.approx(first.metrics["gini"], abs=1e-6)
     assert reg.history()[-1]["action"] == "rejected"
+    # a retrain keeps the champion's text encoder (same embedding space as Redis), byte for byte
+    enc1, enc2 = reg.card(first.version)["encoder"], reg.card(second.version)["encoder"]
+    assert enc2["reused_from"].startswith(str(reg.path(first.version)))
+    assert enc2["fingerprint"] == enc1["fingerprint"]
+    assert Scorer(reg.path(second.version), providers=["CPUExecutionProvider"]).encoder_id == enc1["fingerprint"]
+    assert (reg.path(second.version) / "encoder.onnx").read_bytes() != b""
+    refit = Job(**{**strict.__dict__, "cfg": dataclasses.replace(cfg, refit_encoder=True)})
+    assert "reused_from" not in reg.card(train_once(settings, refit).version)["encoder"]
 
     # the champion stops matching the contract (e.g. the fold changed): any loadable challenger wins
     stamp(reg.path(first.version) / "head.onnx", {"clv.feature_schema": FEATURE_SCHEMA + "-old"})
