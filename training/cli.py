@@ -19,7 +19,7 @@ log = logging.getLogger("clv.trainer")
 def _job(quick: bool, events: Optional[Path], horizon_weeks: Optional[int], cutoffs: int, step_days: float,
          users: str, promote: bool, seed: int, device: str, int8: Optional[str], finetune_layers: Optional[int],
          ensemble: Optional[int], epochs: Optional[int], gini_tolerance: float, mape_tolerance: float,
-         refit_encoder: bool = False):
+         refit_encoder: bool = False, refit_latest: bool = True):
     from streams.settings import get_settings
     from training.train import TrainConfig
     from training.trainer import Job, Policy
@@ -32,7 +32,7 @@ def _job(quick: bool, events: Optional[Path], horizon_weeks: Optional[int], cuto
         raise typer.BadParameter("--users must be 'all' or 'active'")
     job = Job(horizon_weeks=horizon_weeks or settings.score_horizon_weeks, events_file=events,
               n_cutoffs=1 if quick else cutoffs, step_days=step_days, users=users, promote=promote,
-              policy=Policy(gini_tolerance, mape_tolerance), cfg=cfg)
+              refit_latest=refit_latest, policy=Policy(gini_tolerance, mape_tolerance), cfg=cfg)
     return settings, job
 
 
@@ -55,6 +55,9 @@ _O = {
     "mape_tolerance": typer.Option(0.02, "--mape-tolerance", min=0.0, help="... and decile MAPE <= champion's + this"),
     "refit_encoder": typer.Option(False, "--refit-encoder", help="fine-tune a new text encoder instead of reusing "
                                   "the champion's (new embedding space: run `clv replay` after promoting)"),
+    "refit_latest": typer.Option(True, "--refit-latest/--no-refit-latest",
+                                 help="serve a refit of the validated model on the newest cutoffs (labels up to "
+                                 "the last event); --no-refit-latest serves the validated model itself"),
 }
 
 
@@ -65,12 +68,14 @@ def train(quick: bool = _O["quick"], events: Optional[Path] = _O["events"],
           seed: int = _O["seed"], device: str = _O["device"], int8: Optional[str] = _O["int8"],
           finetune_layers: Optional[int] = _O["finetune_layers"], ensemble: Optional[int] = _O["ensemble"],
           epochs: Optional[int] = _O["epochs"], gini_tolerance: float = _O["gini_tolerance"],
-          mape_tolerance: float = _O["mape_tolerance"], refit_encoder: bool = _O["refit_encoder"]) -> None:
+          mape_tolerance: float = _O["mape_tolerance"], refit_encoder: bool = _O["refit_encoder"],
+          refit_latest: bool = _O["refit_latest"]) -> None:
     """One shot: read events -> point-in-time sets -> train -> evaluate -> export -> register -> promote."""
     from training.trainer import train_once
 
     settings, job = _job(quick, events, horizon_weeks, cutoffs, step_days, users, promote, seed, device, int8,
-                         finetune_layers, ensemble, epochs, gini_tolerance, mape_tolerance, refit_encoder)
+                         finetune_layers, ensemble, epochs, gini_tolerance, mape_tolerance, refit_encoder,
+                         refit_latest)
     try:
         out = train_once(settings, job)
     except (ValueError, FileNotFoundError) as exc:
@@ -90,7 +95,8 @@ def trainer(every: str = typer.Option("6h", "--every", help="period: 6h, 30m, 1d
             seed: int = _O["seed"], device: str = _O["device"], int8: Optional[str] = _O["int8"],
             finetune_layers: Optional[int] = _O["finetune_layers"], ensemble: Optional[int] = _O["ensemble"],
             epochs: Optional[int] = _O["epochs"], gini_tolerance: float = _O["gini_tolerance"],
-            mape_tolerance: float = _O["mape_tolerance"], refit_encoder: bool = _O["refit_encoder"]) -> None:
+            mape_tolerance: float = _O["mape_tolerance"], refit_encoder: bool = _O["refit_encoder"],
+            refit_latest: bool = _O["refit_latest"]) -> None:
     """Long-running: train now and every --every; a failed run is logged and retried next period."""
     import signal
     import threading
@@ -102,7 +108,8 @@ def trainer(every: str = typer.Option("6h", "--every", help="period: 6h, 30m, 1d
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     settings, job = _job(quick, events, horizon_weeks, cutoffs, step_days, users, promote, seed, device, int8,
-                         finetune_layers, ensemble, epochs, gini_tolerance, mape_tolerance, refit_encoder)
+                         finetune_layers, ensemble, epochs, gini_tolerance, mape_tolerance, refit_encoder,
+                         refit_latest)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()

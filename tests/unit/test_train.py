@@ -27,7 +27,8 @@ from training.export import stamp  # noqa: E402
 from training.model import (CLICK_FEATURES, PROFILE_FEATURES, ndtri, ziln_loss,  # noqa: E402
                             ziln_predict)
 from training.train import TrainConfig, fit  # noqa: E402
-from training.trainer import Job, Outcome, Policy, parse_every, plan, run_forever, train_once  # noqa: E402
+from training.trainer import (Job, Outcome, Policy, parse_every, plan, refit_guard, run_forever,  # noqa: E402
+                              train_once)
 
 QUICK = dict(quick=True, epochs=15, device="cpu", use_text=False)
 
@@ -213,11 +214,29 @@ def test_train_once_registers_promotes_and_guards_the_champion(tmp_path, tmp_pat
     assert card["metrics"]["gini"] > 0.3 and card["data"]["holdout"] == "temporal"
     assert card["promotion"]["promoted"] is True and "int8" not in card  # --quick: no int8
     Scorer(reg.path(first.version), providers=["CPUExecutionProvider"])
+    # served: the validated config refit on the newest cutoffs (labels to T), with the validated metrics
+    validated = first.refit["validated_version"]
+    vcard = reg.card(validated)
+    assert first.version == validated + "-refit" and card["refit"]["done"] and first.metrics == vcard["metrics"]
+    assert card["metrics"] == vcard["metrics"] and vcard["promotion"]["served_as"] == first.version
+    hold, cuts, vcuts = card["data"]["holdout_cutoff"], card["data"]["train_cutoffs"], vcard["data"]["train_cutoffs"]
+    assert max(cuts) == hold == vcard["data"]["holdout_cutoff"] and len(cuts) == len(vcuts) == 2
+    assert min(cuts) > max(vcuts) and max(vcuts) + 21 * DAY <= hold  # newer than anything validated
+    assert card["training"]["cutoffs"] == pytest.approx(cuts) and vcard["training"]["cutoffs"] == pytest.approx(vcuts)
+    guard = card["refit"]["guard"]
+    assert 0.5 <= guard["total_ratio"] <= 2.0 and guard["spearman"] >= 0.8 and guard["users"] > 50
+    assert card["encoder"]["fingerprint"] == vcard["encoder"]["fingerprint"]  # the validated model's encoder
+    assert card["encoder"]["reused_from"] == str(reg.path(validated) / "encoder.onnx")
+    last = reg.history()[-1]
+    assert last["action"] == "promoted" and last["version"] == first.version
+    assert f"refit of {validated}" in last["reason"]
 
     strict = Job(**{**job.__dict__, "policy": Policy(gini_tolerance=-1.0)})  # needs +1.0 Gini: impossible
     second = train_once(settings, strict)
     assert not second.promoted and reg.champion() == first.version
     assert second.champion_metrics["gini"] == pytest.approx(first.metrics["gini"], abs=1e-6)
+    assert second.champion_metrics["scored_as"] == validated  # the refit saw this hold-out's labels
+    assert second.refit is None and "refit" not in reg.card(second.version)
     assert reg.history()[-1]["action"] == "rejected"
     # a retrain keeps the champion's text encoder (same embedding space as Redis), byte for byte
     enc1, enc2 = reg.card(first.version)["encoder"], reg.card(second.version)["encoder"]
@@ -230,10 +249,26 @@ def test_train_once_registers_promotes_and_guards_the_champion(tmp_path, tmp_pat
 
     # the champion stops matching the contract (e.g. the fold changed): any loadable challenger wins
     stamp(reg.path(first.version) / "head.onnx", {"clv.feature_schema": FEATURE_SCHEMA + "-old"})
-    third = train_once(settings, strict)
+    third = train_once(settings, Job(**{**strict.__dict__, "refit_latest": False}))  # --no-refit-latest
     assert third.promoted and reg.champion() == third.version and third.champion_metrics is None
+    assert not third.version.endswith("-refit") and third.refit["done"] is False
+    assert reg.card(third.version)["refit"]["reason"] == "--no-refit-latest"
+    assert reg.card(third.version)["data"]["train_cutoffs"] == vcuts
+    assert not (reg.path(third.version + "-refit")).exists()
     assert not list((settings.data_dir / "staging").iterdir())
     shutil.rmtree(settings.data_dir)
+
+
+def test_refit_guard_refuses_a_refit_that_disagrees_with_the_validated_model():
+    ev = np.random.default_rng(0).lognormal(3.0, 1.0, 500)
+    near = ev * np.random.default_rng(1).uniform(0.9, 1.2, 500)
+    ok, figures, _ = refit_guard(ev, near)
+    assert ok and 1.0 < figures["total_ratio"] < 1.1 and figures["spearman"] > 0.95
+    ok, figures, why = refit_guard(ev, ev * 2.5)
+    assert not ok and figures["total_ratio"] == 2.5 and "outside [0.5, 2.0]" in why
+    ok, _, why = refit_guard(ev, np.random.default_rng(2).permutation(ev))
+    assert not ok and "Spearman" in why
+    assert not refit_guard(ev, np.full(500, np.nan))[0]
 
 
 def test_handwritten_adamw_matches_torch():
