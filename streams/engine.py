@@ -59,6 +59,10 @@ class BatchWorker(Worker):
 
     _parts: list[int] | None = None
 
+    def _client(self):
+        """The ``AIOKafkaProducer`` that scores are batched into."""
+        return self.app.producer.client
+
     async def _publish(self, result: BatchResult, backoff: Backoff) -> None:
         if result.dead:  # rare: the per-message path, scores held back
             scores, result.scores = result.scores, []
@@ -70,7 +74,7 @@ class BatchWorker(Worker):
     async def _publish_scores(self, result: BatchResult, backoff: Backoff) -> None:
         from aiokafka.partitioner import murmur2
 
-        client = self.app.producer.client
+        client = self._client()
         topic = self.s.topic_scores
         dumps = orjson.dumps
         while True:

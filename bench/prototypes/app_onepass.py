@@ -15,103 +15,35 @@ from __future__ import annotations
 import asyncio
 import time
 
-import orjson
-
 from streams.app import Backoff, Worker, _records
-from streams.pipeline import BatchResult, Transient
+from streams.engine import BatchWorker
 
 
-class OnePassWorker(Worker):
+class OnePassWorker(BatchWorker):
+    """Scores are batched per partition exactly as the kafka engine does (``BatchWorker``)."""
+
     batched_publish = True
     archive_inline = True  # False: the caller archives result.valid_events itself
     last_result = None
 
     async def _score_batch(self, records) -> None:
-        backoff = Backoff(self.s.retry_backoff_initial_s, self.s.retry_backoff_max_s)
-        while True:
-            try:
-                result = await self.pipeline.process(records)
-                break
-            except Transient as exc:
-                self._retry("redis", exc, backoff.delay)
-                await backoff.wait()
-        backoff.reset()
+        result = await self.process(records)
         items = result.valid_events
         self.last_result = result
-        archive = (asyncio.ensure_future(self._archive_items(items))
+        archive = (asyncio.ensure_future(self.archive_items(items))
                    if items and self.archive_inline else None)
+        backoff = Backoff(self.s.retry_backoff_initial_s, self.s.retry_backoff_max_s)
         if self.batched_publish:
-            await publish_batched(self, result, backoff)
+            await BatchWorker._publish(self, result, backoff)
         else:
-            await self._publish(result, backoff)
+            await Worker._publish(self, result, backoff)
         if archive is not None:
             await archive
         if self.metrics:
             self.metrics.observe_batch(result, records)
 
-    async def _archive_items(self, items) -> None:
-        backoff = Backoff(self.s.retry_backoff_initial_s, self.s.retry_backoff_max_s)
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                await loop.run_in_executor(None, self.archive.write, items)
-                return
-            except OSError as exc:
-                self._retry("archive", exc, backoff.delay)
-                await backoff.wait()
-
-
-async def publish_batched(worker, result: BatchResult, backoff: Backoff) -> None:
-    """DLQ as before (rare); scores packed into one record batch per scores-topic partition."""
-    if result.dead:
-        scores, result.scores = result.scores, []
-        await worker._publish(result, backoff)  # DLQ only
-        result.scores = scores
-    if not result.scores:
-        return
-    from aiokafka.partitioner import murmur2
-
-    producer = worker.app.producer
-    topic = worker.s.topic_scores
-    while True:
-        try:
-            client = producer._ensure_producer()  # the AIOKafkaProducer behind faust (or the lean adapter)
-            parts = await _partitions(client, topic)
-            batches: dict = {}
-            futs = []
-            dumps = orjson.dumps
-            for so in result.scores:
-                sc = so.score
-                key = so.user_id.encode()
-                p = parts[(murmur2(key) & 0x7FFFFFFF) % len(parts)]
-                body = dumps({"user_id": so.user_id, "clv": sc.clv, "p_repeat": sc.p_repeat,
-                              "segment": sc.segment, "model_version": sc.model_version,
-                              "scored_at": sc.at, "event_ts": so.event_ts})
-                b = batches.get(p)
-                if b is None:
-                    b = batches[p] = client.create_batch()
-                if b.append(key=key, value=body, timestamp=None) is None:
-                    futs.append(await client.send_batch(b, topic, partition=p))
-                    b = batches[p] = client.create_batch()
-                    b.append(key=key, value=body, timestamp=None)
-            for p, b in batches.items():
-                futs.append(await client.send_batch(b, topic, partition=p))
-            await asyncio.gather(*futs)
-            result.scores.clear()
-            return
-        except Exception as exc:  # noqa: BLE001 - broker trouble: retry, never drop
-            worker._retry("kafka", exc, backoff.delay)
-            await backoff.wait()
-
-
-_PARTS: dict = {}
-
-
-async def _partitions(client, topic: str) -> list[int]:
-    parts = _PARTS.get(topic)
-    if parts is None:
-        parts = _PARTS[topic] = sorted(await client.partitions_for(topic))
-    return parts
+    def _client(self):
+        return self.app.producer._ensure_producer()  # the AIOKafkaProducer behind faust
 
 
 def create_app(settings, scorer=None, metrics=None, publish: str = "batch"):
