@@ -165,10 +165,9 @@ def install_model(settings, model_dir: Path) -> str:
     """Make ``model_dir`` the champion of ``settings``' registry (a symlink, no copy)."""
     from serving.contract import Contract
     from serving.registry import Registry
+    from training.export import metadata
 
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(model_dir / "head.onnx"), load_external_data=False).metadata_props}
+    meta = metadata(model_dir / "head.onnx")
     version = Contract.from_metadata(meta, source=str(model_dir)).model_version
     reg = Registry(settings.models_dir)
     reg.root.mkdir(parents=True, exist_ok=True)

@@ -176,12 +176,16 @@ class HotScorer:
         why = self.space_conflict(cur, space) if cur is not None else None
         if why is None:
             return False
-        self.held[(cur.version, space)] = why
         self.current, self.previous = None, None
-        log.error("not serving model %s: %s", cur.version, why)
-        if self.on_refuse:
-            self.on_refuse(cur.version)
+        self._hold(cur.version, space, why, "nothing")
         return True
+
+    def _hold(self, version: str, space: str | None, why: str, serving: str) -> None:
+        """``version`` waits until the embedding space changes (a replay): logged and counted."""
+        self.held[(version, space)] = why
+        if self.on_refuse:
+            self.on_refuse(version)
+        log.error("not serving model %s: %s; serving %s", version, why, serving)
 
     def maybe_reload(self, space: str | None = None) -> bool:
         """Swap to the registry's champion if it is new, loads, keeps the contract and can
@@ -204,11 +208,7 @@ class HotScorer:
             return False
         why = self.space_conflict(new, space)
         if why is not None:
-            self.held[(v, space)] = why
-            if self.on_refuse:
-                self.on_refuse(v)
-            log.error("not serving model %s yet: %s; still serving %s", v, why,
-                      self.current.version if self.current else "nothing")
+            self._hold(v, space, why, self.current.version if self.current else "nothing")
             return False
         old = self.current.version if self.current else None
         if self.current is not None:

@@ -28,6 +28,7 @@ import os
 import time
 
 import orjson
+from aiokafka import ConsumerRebalanceListener
 
 from streams.app import EXIT_UNSAFE, Backoff, Worker
 from streams.pipeline import BatchResult, Record
@@ -150,7 +151,7 @@ class KafkaEngine:
         await self.worker.reload_model()  # before the first batch: is the champion's encoder ours?
         # pyarrow imports pandas on the first Table: ~1.5 s of CPU, not inside the first batch
         await asyncio.get_running_loop().run_in_executor(None, _warm_archive)
-        self.consumer.subscribe(list(s.event_topics), listener=_listener(self))
+        self.consumer.subscribe(list(s.event_topics), listener=_Listener(self))
         await self.consumer.start()
         log.info("consuming %s as group %s (engine kafka, batches of up to %d within %.3fs)",
                  ", ".join(s.event_topics), s.consumer_group, s.batch_max, s.batch_within_s)
@@ -249,16 +250,7 @@ class KafkaEngine:
         await self.producer.stop()
 
 
-def _listener(engine: "KafkaEngine"):
-    from aiokafka import ConsumerRebalanceListener
-
-    class Listener(_Listener, ConsumerRebalanceListener):
-        pass
-
-    return Listener(engine)
-
-
-class _Listener:
+class _Listener(ConsumerRebalanceListener):
     """aiokafka rebalance listener: nothing scored leaves this member uncommitted."""
 
     def __init__(self, engine: KafkaEngine):
@@ -280,13 +272,13 @@ def _crash_on_error(fut: asyncio.Future) -> None:
     """A publish or archive task that fails unexpectedly (their dependency errors are retried
     inside) ends the process before anything it owes is committed."""
     if not fut.cancelled() and fut.exception() is not None:
-        log.critical("a publish or archive task failed", exc_info=fut.exception())
-        _die("a publish or archive task failed")
+        _die("a publish or archive task failed", fut.exception())
 
 
-def _die(what: str) -> None:
+def _die(what: str, exc: BaseException | None = None) -> None:
+    """Exit at once (crash-only), logging ``exc`` or the exception being handled."""
     log.critical("%s; exiting without commit (a restart redelivers from the last commit)", what,
-                 exc_info=True)
+                 exc_info=exc or True)
     logging.shutdown()
     os._exit(EXIT_UNSAFE)
 

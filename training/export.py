@@ -87,6 +87,13 @@ def _ort_session(path: Path, threads: int = 1):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def metadata(path: Path) -> dict[str, str]:
+    """The model's metadata_props (what ``stamp`` wrote), without loading external weights."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def stamp(path: Path, meta: dict[str, str]) -> None:
     """Write ``meta`` into the model's metadata_props (replacing keys already there)."""
     import onnx

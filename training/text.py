@@ -125,13 +125,12 @@ class TextEncoder:
         """Embed with another model's exported encoder (``model_dir/encoder.onnx``) and take
         its ``clv.encoder_id``: a retrained head then lives in the embedding space of the review
         means already stored in Redis. No torch weights are loaded; export copies that graph."""
-        import onnx
+        from training.export import metadata
 
         path = Path(model_dir) / "encoder.onnx"
         if not path.exists():
             raise FileNotFoundError(f"{model_dir} has no encoder.onnx to reuse; train with --refit-encoder")
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        enc_id = meta.get("clv.encoder_id")
+        enc_id = metadata(path).get("clv.encoder_id")
         if not enc_id:
             raise ValueError(f"{path} carries no clv.encoder_id; it cannot name its embedding space")
         self.use_onnx(path)

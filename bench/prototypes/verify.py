@@ -1,7 +1,7 @@
 """Do the prototype workers keep the streaming core's guarantees? The checks of
 tests/integration/test_worker.py::test_stream_to_redis_equals_offline_fold, on any variant.
 
-    .venv/bin/python bench/prototypes/verify.py ["proto: aiokafka worker" "proto: one agent + drain patch" ...]
+    .venv/bin/python bench/prototypes/verify.py ["clv worker --engine kafka" "proto: one agent + drain patch" ...]
 
 For each variant: 300 simulated users' events with 3 % producer duplicates and 1 % bad messages
 are published, one worker drains them, and then: every user's Redis state equals the offline
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
@@ -24,9 +23,8 @@ from common import create_topics, stack  # noqa: E402
 def check(svc, variant: str) -> str:
     import redis
 
-    from streams.archive import read_events
     from streams.simulate import DUPLICATE, EVENT, mix, publish, simulate
-    from tests.integration.test_worker import assert_state_matches, dlq_messages
+    from tests.integration.test_worker import assert_outputs_exact
     from workers import drain, VARIANTS, Proc
 
     sim = simulate(n_users=300, start="2025-01-01", days=120, seed=11)
@@ -42,23 +40,7 @@ def check(svc, variant: str) -> str:
     r = redis.Redis.from_url(s.redis_url)
     try:
         drain(s, len(msgs), [w], timeout=240)
-        n_users = assert_state_matches(s, events)
-        dlq = dlq_messages(s, len(bad))
-        assert len(dlq) == len(bad), f"DLQ has {len(dlq)}, expected {len(bad)}"
-        reasons = sorted(dict(m.headers)["clv-reason"].decode() for m in dlq)
-        assert reasons == sorted(m.label for m in bad), "DLQ reasons differ"
-        assert sorted((m.value or b"") for m in dlq) == sorted((m.value or b"") for m in bad)
-        stats = {k.decode(): v for k, v in r.hgetall(f"{s.redis_prefix}:v1:stats").items()}
-        stats = {k: int(v) for k, v in stats.items() if k not in ("ts_last", "mv")}
-        assert stats["dlq"] == len(bad) and stats["events"] == len(msgs), stats
-        assert stats["duplicates"] == n_dup and stats["processed"] == len(events), stats
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            archived = list(read_events(s.archive_dir))
-            if len(archived) == len(events):
-                break
-            time.sleep(0.5)
-        assert sorted(e.event_id for e in archived) == sorted(e.event_id for e in events), "archive differs"
+        n_users, _ = assert_outputs_exact(s, r, events, msgs, bad, n_dup)
         return (f"OK: {len(events)} events, {n_dup} duplicates, {len(bad)} bad -> state of {n_users} users "
                 f"= offline fold; DLQ, stats and archive exact")
     finally:
@@ -67,7 +49,7 @@ def check(svc, variant: str) -> str:
 
 
 def main(variants: list[str]) -> int:
-    variants = variants or ["proto: aiokafka worker", "proto: one agent + drain patch"]
+    variants = variants or ["clv worker --engine kafka", "proto: one agent + drain patch"]
     failed = 0
     with stack() as svc:
         for v in variants:

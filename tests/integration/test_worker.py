@@ -73,6 +73,35 @@ def assert_state_matches(settings, events):
     return len(want)
 
 
+def assert_outputs_exact(s, r, events, msgs, bad, n_dup) -> tuple[int, int]:
+    """Everything a worker owes for ``msgs`` (the unique valid ``events``, ``n_dup`` producer
+    duplicates and the ``bad`` messages): Redis state = the offline fold, the DLQ holds every bad
+    message with its reason and original bytes, the stats counters are exact, the archive holds
+    every valid event once. Returns (users checked, DLQ messages). Also used by
+    bench/prototypes/verify.py on worker variants."""
+    n_users = assert_state_matches(s, events)
+    dlq = dlq_messages(s, len(bad))
+    assert len(dlq) == len(bad), f"DLQ has {len(dlq)}, expected {len(bad)}"
+    headers = [dict(m.headers) for m in dlq]
+    assert all(h["clv-reason"] for h in headers)
+    assert sorted(h["clv-reason"].decode() for h in headers) == sorted(m.label for m in bad), "DLQ reasons differ"
+    assert sorted((m.value or b"") for m in dlq) == sorted((m.value or b"") for m in bad)
+    stats = {k.decode(): v for k, v in r.hgetall(f"{s.redis_prefix}:v1:stats").items()}
+    stats = {k: int(v) for k, v in stats.items() if k not in ("ts_last", "mv")}
+    assert stats["dlq"] == len(bad), stats
+    assert stats["events"] == len(msgs) and stats["duplicates"] == n_dup, stats
+    assert stats["processed"] == len(events), stats
+    # the archive holds every valid event exactly once after dedupe
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        archived = list(read_events(s.archive_dir))
+        if len(archived) == len(events):
+            break
+        time.sleep(0.5)
+    assert sorted(e.event_id for e in archived) == sorted(e.event_id for e in events), "archive differs"
+    return n_users, len(dlq)
+
+
 def dlq_messages(settings, expected: int, timeout: float = 60.0):
     from aiokafka import AIOKafkaConsumer
 
@@ -110,28 +139,9 @@ def test_stream_to_redis_equals_offline_fold(services, tmp_path, sim, engine):
     try:
         wait_caught_up(s, len(msgs), r, [w])
         wall = time.time() - t0
-        n_users = assert_state_matches(s, events)
-        dlq = dlq_messages(s, len(bad))
-        assert len(dlq) == len(bad), f"DLQ has {len(dlq)}, expected {len(bad)}"
-        headers = [dict(m.headers) for m in dlq]
-        assert all(h["clv-reason"] for h in headers)
-        assert sorted(h["clv-reason"].decode() for h in headers) == sorted(m.label for m in bad)
-        assert sorted((m.value or b"") for m in dlq) == sorted((m.value or b"") for m in bad)
-        stats = {k.decode(): v for k, v in r.hgetall(f"{s.redis_prefix}:v1:stats").items()}
-        stats = {k: int(v) for k, v in stats.items() if k not in ("ts_last", "mv")}
-        assert stats["dlq"] == len(bad)
-        assert stats["events"] == len(msgs) and stats["duplicates"] == n_dup
-        assert stats["processed"] == len(events)
-        # the archive holds every valid event exactly once after dedupe
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            archived = list(read_events(s.archive_dir))
-            if len(archived) == len(events):
-                break
-            time.sleep(0.5)
-        assert sorted(e.event_id for e in archived) == sorted(e.event_id for e in events)
+        n_users, n_dlq = assert_outputs_exact(s, r, events, msgs, bad, n_dup)
         print(f"\n[streaming-core] events={len(events)} published={len(msgs)} duplicates={n_dup} "
-              f"bad={len(bad)} users={n_users} dlq={len(dlq)} wall={wall:.1f}s")
+              f"bad={len(bad)} users={n_users} dlq={n_dlq} wall={wall:.1f}s")
     finally:
         w.stop()
 
