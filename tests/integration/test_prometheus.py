@@ -54,13 +54,16 @@ def test_prometheus_scrapes_worker_lag_and_throughput(services, tmp_path, engine
         total = wait_for(prom, f'sum(kafka_consumergroup_lag_sum{{consumergroup="{group}"}})',
                          lambda res: float(res[0]["value"][1]) == 0)
         assert float(total[0]["value"][1]) == 0
-        consumed = wait_for(prom, "sum(clv_events_consumed_total)",
+        # Prometheus keeps its TSDB across restarts and a stop writes no staleness markers, so an
+        # earlier test's worker (another port) stays visible for the 5-minute lookback: select ours.
+        mine = f'instance="127.0.0.1:{port}"'
+        consumed = wait_for(prom, f"sum(clv_events_consumed_total{{{mine}}})",
                             lambda res: float(res[0]["value"][1]) >= len(events))
         assert float(consumed[0]["value"][1]) == len(events)
-        ends = query(prom, "sum(kafka_topic_partition_current_offset)")
+        ends = query(prom, f"sum(kafka_topic_partition_current_offset{{{mine}}})")
         assert float(ends[0]["value"][1]) == len(events)
-        wait_for(prom, "sum(clv_fold_seconds_count)", lambda res: float(res[0]["value"][1]) > 0)
-        wait_for(prom, "sum(clv_batch_size_sum)", lambda res: float(res[0]["value"][1]) == len(events))
+        wait_for(prom, f"sum(clv_fold_seconds_count{{{mine}}})", lambda res: float(res[0]["value"][1]) > 0)
+        wait_for(prom, f"sum(clv_batch_size_sum{{{mine}}})", lambda res: float(res[0]["value"][1]) == len(events))
     finally:
         w.stop()
         services.stop("prometheus")
