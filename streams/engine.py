@@ -9,7 +9,7 @@ per event, paid once per agent). One fetch is one micro-batch::
       -> Pipeline.process (decode, embed, Redis load, fold, score, Redis CAS save)
       -> DLQ (one send per reject) + scores (one record batch per scores partition), broker acks
          (in a task: the next batch is scored meanwhile; one publish in flight, in order)
-      -> the batch's decoded events join the archive buffer
+      -> the batch's decoded events join the archive buffer (as an Arrow batch)
       -> archive write (thread; CLV_ARCHIVE_BATCH_MAX rows or CLV_ARCHIVE_WITHIN_S seconds)
       -> commit the archived batches' offsets
 
@@ -30,7 +30,8 @@ import time
 import orjson
 from aiokafka import ConsumerRebalanceListener
 
-from streams.app import EXIT_UNSAFE, Backoff, Worker
+from streams.app import EXIT_UNSAFE, Backoff, Worker, settle_heap
+from streams.archive import record_batch
 from streams.pipeline import BatchResult, Record
 
 log = logging.getLogger("clv.engine")
@@ -124,7 +125,8 @@ class KafkaEngine:
         self.inflight: asyncio.Future | None = None  # the batch being scored (+ buffered)
         self.publishing: asyncio.Future | None = None  # DLQ/scores of the last batch, until acked
         self.flushing: asyncio.Future | None = None  # the archive write in flight
-        self.buf: list = []  # (record, event) decoded, scored, not yet archived
+        self.buf: list = []  # Arrow batches (streams.archive.record_batch) scored, not archived
+        self.buf_rows = 0
         self.buf_offsets: dict = {}  # tp -> next offset, committed once ``buf`` is archived
         self.buf_t0 = 0.0
         self.stopping = False
@@ -197,9 +199,11 @@ class KafkaEngine:
         await self.worker.publish(result, records)
         if not self.buf_offsets:
             self.buf_t0 = time.monotonic()
-        self.buf.extend(result.valid_events)
+        if result.valid_events:
+            self.buf.append(record_batch(result.valid_events))
+            self.buf_rows += len(result.valid_events)
         self.buf_offsets.update(offsets)
-        if (len(self.buf) >= self.s.archive_batch_max
+        if (self.buf_rows >= self.s.archive_batch_max
                 or time.monotonic() - self.buf_t0 >= self.s.archive_within_s):
             await self._flush(wait=False)
 
@@ -208,17 +212,17 @@ class KafkaEngine:
         its offsets when the file is durable. ``wait``: also wait for that write."""
         if self.flushing is not None:
             await self.flushing
-        rows, offsets, self.buf, self.buf_offsets = self.buf, self.buf_offsets, [], {}
+        batches, offsets, self.buf, self.buf_offsets, self.buf_rows = self.buf, self.buf_offsets, [], {}, 0
         if not offsets:
             return
-        self.flushing = asyncio.ensure_future(self._archive_and_commit(rows, offsets))
+        self.flushing = asyncio.ensure_future(self._archive_and_commit(batches, offsets))
         self.flushing.add_done_callback(_crash_on_error)
         if wait:
             await self.flushing
 
-    async def _archive_and_commit(self, rows: list, offsets: dict) -> None:
-        if rows:
-            await self.worker.archive_items(rows)  # retries a failing disk; never skips
+    async def _archive_and_commit(self, batches: list, offsets: dict) -> None:
+        if batches:
+            await self.worker.archive_batches(batches)  # retries a failing disk; never skips
         await self._commit(offsets)
 
     async def _commit(self, offsets: dict) -> None:
@@ -298,6 +302,7 @@ async def serve(settings, scorer=None, metrics=None) -> None:
     await engine.start()
     if metrics:
         await metrics.start(None)
+    settle_heap()
 
     async def reload() -> None:
         while True:

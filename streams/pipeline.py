@@ -3,8 +3,8 @@
 ``Pipeline.process(records)`` takes one micro-batch of raw Kafka records and:
 decodes + validates (rejects -> DLQ list), embeds review texts (one encoder call), loads the
 batch's users (one Redis call), folds, scores all touched users (one head call), and writes
-state + score atomically with compare-and-set (one Redis call; conflicting users are re-read
-and re-folded, which the dedupe markers make safe). It returns what to publish.
+state + score + the ops counters atomically with compare-and-set (one Redis call; conflicting
+users are re-read and re-folded, which the dedupe markers make safe). It returns what to publish.
 
 Failure policy: a transient dependency error (Redis down) propagates as ``Transient`` so the
 caller retries the whole batch with backoff (idempotent). A scoring failure never blocks the
@@ -68,6 +68,7 @@ class BatchResult:
     valid_events: list[tuple[Record, Event]] = field(default_factory=list)
     dlq_reasons: dict[str, int] = field(default_factory=dict)
     score_event_ts: list[float] = field(default_factory=list)  # event times of scored events
+    n_dead_counted: int = 0  # dead letters already added to the ops counters
 
 
 class Transient(Exception):
@@ -131,15 +132,21 @@ class Pipeline:
             result.score_failed += 1
             embs = {}
         t1 = time.perf_counter()
+        # ops counters ride on the saves (no round trip of their own): ``owed`` is what the next
+        # save adds to the ``stats`` hash, ``sent`` what this batch has added so far
+        owed: dict[str, int] = {"events": result.n_records}
+        sent: dict[str, int] = {}
         pending = dict(by_user)
         attempts = 0
         while pending:
             attempts += 1
-            conflicts = await self._round(pending, embs, result)
+            conflicts = await self._round(pending, embs, result, owed, sent)
             if not conflicts:
                 break
             result.conflicts += len(conflicts)
             if attempts >= 10:
+                # the batch is retried from the start: take back what it counted
+                await _redis("stats", self.store.record_stats({k: -v for k, v in sent.items()}, {}))
                 raise Transient(f"{len(conflicts)} users kept changing under us (another worker?)")
             pending = {u: by_user[u] for u in conflicts}
         result.timings["decode_embed"] = t1 - t0
@@ -151,21 +158,26 @@ class Pipeline:
         if result.scores:
             scored = {so.user_id for so in result.scores}
             result.score_event_ts = [ev.ts for _, ev in result.valid_events if ev.user_id in scored]
-        await self._stats(result)
+        if not by_user:  # nothing to save (all dead letters): the counters go on their own
+            self._owe_dead(result, owed)
+            await _redis("stats", self.store.record_stats(owed, {"ts_last": repr(self.clock())}))
         return result
 
-    async def _stats(self, result: BatchResult) -> None:
-        """Running counters for the ops page (Prometheus has the authoritative ones)."""
-        incr = {"events": result.n_records, "processed": result.n_applied,
-                "duplicates": result.n_duplicates, "dlq": len(result.dead)}
-        for reason, n in result.dlq_reasons.items():
-            incr[f"dlq:{reason}"] = n
-        put = {"ts_last": repr(self.clock())}
-        if result.scores:
-            put["mv"] = result.scores[0].score.model_version
-        await _redis("stats", self.store.record_stats(incr, put))
+    def _owe_dead(self, result: BatchResult, owed: dict[str, int]) -> None:
+        """Add the dead letters not yet counted to ``owed`` (the ``stats`` hash's dlq counters)."""
+        new = result.dead[result.n_dead_counted:]
+        result.n_dead_counted = len(result.dead)
+        if new:
+            owed["dlq"] = owed.get("dlq", 0) + len(new)
+            for d in new:
+                owed[f"dlq:{d.reason}"] = owed.get(f"dlq:{d.reason}", 0) + 1
 
-    async def _round(self, by_user: dict[str, list], embs, result: BatchResult) -> list[str]:
+    async def _round(self, by_user: dict[str, list], embs, result: BatchResult,
+                     owed: dict[str, int], sent: dict[str, int]) -> list[str]:
+        """Load, fold, score and save ``by_user`` once; returns the users whose save conflicted.
+        The save also adds ``owed`` to the ops counters (running counters for the ops page;
+        Prometheus has the authoritative ones), counting every user as written: a conflicting
+        user's counts are taken back by the next round's save, which counts them again."""
         users = list(by_user)
         t0 = time.perf_counter()
         loaded = await _redis("load", self.store.load_many(users))
@@ -200,9 +212,22 @@ class Pipeline:
         scores = self._score(touched, result)
         t3 = time.perf_counter()
         updates = [Update(uid, st, ver, scores.get(uid)) for uid, st, ver, _ in touched] + marks
-        conflicts = await _redis("save", self.store.save_many(updates))
+        self._owe_dead(result, owed)
+        owed["processed"] = owed.get("processed", 0) + sum(a for a, _ in counts.values())
+        owed["duplicates"] = owed.get("duplicates", 0) + sum(d for _, d in counts.values())
+        put = {"ts_last": repr(self.clock())}
+        if scores:
+            put["mv"] = next(iter(scores.values())).model_version
+        conflicts = await _redis("save", self.store.save_many(updates, {k: v for k, v in owed.items() if v}, put))
         t4 = time.perf_counter()
+        for k, v in owed.items():
+            sent[k] = sent.get(k, 0) + v
+        owed.clear()
         cset = set(conflicts)
+        for uid in cset:  # not written: counted again when the next round writes them
+            applied, dups = counts[uid]
+            owed["processed"] = owed.get("processed", 0) - applied
+            owed["duplicates"] = owed.get("duplicates", 0) - dups
         # count only what was written; conflicting users are re-folded in the next round
         for uid, (applied, dups) in counts.items():
             if uid not in cset:

@@ -50,8 +50,10 @@ class FeatureStore(Protocol):
         """Each user's CAS version, without decoding state (a rebuild overwrites old blobs)."""
         ...
 
-    async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None) -> list[str]:
-        """Write updates atomically; returns user ids whose version moved (not written)."""
+    async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None,
+                        put: dict[str, str] | None = None) -> list[str]:
+        """Write updates atomically; returns user ids whose version moved (not written).
+        ``stats``/``put``: bump/set ops counters (``stats`` hash) in the same atomic call."""
         ...
 
     async def score_of(self, user_id: str) -> Score | None: ...
@@ -85,7 +87,8 @@ class MemoryStore:
     async def versions(self, user_ids: Sequence[str]) -> dict[str, int]:
         return {u: int(self.rows[u][F_VER]) if u in self.rows else 0 for u in user_ids}
 
-    async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None) -> list[str]:
+    async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None,
+                        put: dict[str, str] | None = None) -> list[str]:
         conflicts = []
         for u in updates:
             row = self.rows.setdefault(u.user_id, {F_VER: 0})
@@ -115,8 +118,7 @@ class MemoryStore:
         if len(self.top) > self.top_keep:
             self.top_floor = sorted(self.top.values())[len(self.top) - self.top_keep - 1]
             self.top = {k: v for k, v in self.top.items() if v > self.top_floor}
-        for k, v in (stats or {}).items():
-            self.stats[k] = self.stats.get(k, 0) + v
+        await self.record_stats(stats or {}, put or {})
         return conflicts
 
     async def record_stats(self, incr: dict[str, int], put: dict[str, str]) -> None:
@@ -145,8 +147,8 @@ return out
 
 # KEYS[1] = top zset, KEYS[2] = stats hash, KEYS[3] = hist hash, KEYS[4] = top floor,
 # KEYS[5..] = user keys.
-# ARGV[1] = number of stats pairs n, ARGV[2] = top keep, then n*(field, incr), then per user
-# 9 values: user_id, expected_ver, state, emb ('' = keep), clv ('' = no score), p, seg, mv, at
+# ARGV[1] = number of stats pairs n, ARGV[2] = top keep, ARGV[3] = number of put pairs m, then
+# n*(field, incr) and m*(field, value) for the stats hash, then per user 9 values: user_id, expected_ver, state, emb ('' = keep), clv ('' = no score), p, seg, mv, at
 # Returns the 1-based indexes (into the user list) of users whose ver moved.
 # hist: a user is counted iff it has a clv and a state blob of version >= HIST_SINCE (see
 # streams/keys.py); each write moves the user between buckets accordingly. top: the zset is
@@ -159,10 +161,14 @@ local function bucket(c)
   while i <= #EDGES and c >= EDGES[i] do i = i + 1 end
   return tostring(i - 1)
 end
-local nstats, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
-local a = 3
+local nstats, keep, nput = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local a = 4
 for i = 1, nstats do
   redis.call('HINCRBY', KEYS[2], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+for i = 1, nput do
+  redis.call('HSET', KEYS[2], ARGV[a], ARGV[a + 1])
   a = a + 2
 end
 local fl = redis.call('GET', KEYS[4])
@@ -279,12 +285,15 @@ class RedisStore:
             pipe.hget(self.keys.user(u), F_VER)
         return {u: int(v) if v else 0 for u, v in zip(user_ids, await pipe.execute())}
 
-    async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None) -> list[str]:
-        if not updates and not stats:
+    async def save_many(self, updates: Sequence[Update], stats: dict[str, int] | None = None,
+                        put: dict[str, str] | None = None) -> list[str]:
+        if not updates and not stats and not put:
             return []
-        stats = stats or {}
-        argv: list = [len(stats), self.top_keep]
+        stats, put = stats or {}, put or {}
+        argv: list = [len(stats), self.top_keep, len(put)]
         for k, v in stats.items():
+            argv += [k, v]
+        for k, v in put.items():
             argv += [k, v]
         keys = [self.keys.top, self.keys.stats, self.keys.hist, self.keys.top_floor]
         for u in updates:

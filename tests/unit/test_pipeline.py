@@ -7,12 +7,13 @@ import zlib
 
 import numpy as np
 import orjson
+import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from streams.archive import ArchiveWriter, read_events
 from streams.events import encode
 from streams.fold import FEATURE_NAMES, features, replay
-from streams.pipeline import Pipeline, Record
+from streams.pipeline import Pipeline, Record, Transient
 from streams.settings import Settings
 from streams.store import MemoryStore
 from tests.unit.strategies import event_lists, fixed_events
@@ -107,12 +108,12 @@ class _Racing(MemoryStore):
         super().__init__()
         self.raced = False
 
-    async def save_many(self, updates, stats=None):
+    async def save_many(self, updates, stats=None, put=None):
         if not self.raced and updates:
             self.raced = True
             row = self.rows.setdefault(updates[0].user_id, {"ver": 0})
             row["ver"] = int(row["ver"]) + 1
-        return await super().save_many(updates, stats)
+        return await super().save_many(updates, stats, put)
 
 
 def test_cas_conflict_is_refolded_not_lost():
@@ -121,6 +122,35 @@ def test_cas_conflict_is_refolded_not_lost():
     res = asyncio.run(Pipeline(S, store).process(to_records(events)[0]))
     assert res.conflicts >= 1
     assert res.n_applied == len(events) - res.n_duplicates
+    # the ops counters ride on the saves: the conflicting user is counted once, not twice
+    assert store.stats["processed"] == res.n_applied and store.stats.get("duplicates", 0) == res.n_duplicates
+    assert store.stats["events"] == len(events)
+
+
+class _AlwaysRacing(MemoryStore):
+    """Another writer bumps the first user's version before every save (a conflict storm)."""
+
+    racing = True
+
+    async def save_many(self, updates, stats=None, put=None):
+        if self.racing and updates:
+            row = self.rows.setdefault(updates[0].user_id, {"ver": 0})
+            row["ver"] = int(row["ver"]) + 1
+        return await super().save_many(updates, stats, put)
+
+
+def test_conflict_storm_is_retried_whole_and_counted_once():
+    events = fixed_events(5)
+    recs = to_records(events)[0]
+    store = _AlwaysRacing()
+    with pytest.raises(Transient, match="kept changing"):
+        asyncio.run(Pipeline(S, store).process(recs))
+    assert {k: v for k, v in store.stats.items() if k not in ("ts_last", "mv") and v} == {}
+    store.racing = False  # the retry of the whole batch
+    res = asyncio.run(Pipeline(S, store).process(recs))
+    assert store.stats["events"] == len(recs)
+    assert store.stats["processed"] + store.stats.get("duplicates", 0) == len(events)
+    assert store.stats["processed"] == res.n_applied >= 1
 
 
 class _Broken:
