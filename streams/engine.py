@@ -102,6 +102,7 @@ class BatchWorker(Worker):
                         b = batches[p] = client.create_batch()
                         b.append(key=key, value=body, timestamp=None)
                 for p, b in batches.items():
+                    b.close()  # complete: a closed batch goes out at once, not after linger_ms
                     futs.append(await client.send_batch(b, topic, partition=p))
                 await self._acked(asyncio.gather(*futs))
                 result.scores.clear()

@@ -183,6 +183,32 @@ def test_archive_replay_is_exact(tmp_path):
     assert [e.ts for e in back] == sorted(e.ts for e in back)
 
 
+def test_archive_batches_write_one_file_per_topic_partition(tmp_path):
+    """The kafka engine hands the writer many small Arrow batches (one per micro-batch)."""
+    import pyarrow.parquet as pq
+
+    from streams.archive import files, record_batch
+
+    events = fixed_events(40)
+    records, _ = to_records(events)
+    pairs = list(zip(records, events))
+    batches = [record_batch(pairs[i:i + 7]) for i in range(0, len(pairs), 7)]
+    n = ArchiveWriter(tmp_path).write_batches(batches)
+    expect = {}
+    for r in records:
+        lo, hi = expect.get((r.topic, r.partition), (r.offset, r.offset))
+        expect[(r.topic, r.partition)] = (min(lo, r.offset), max(hi, r.offset))
+    assert n == len(expect)
+    assert sorted(f.name for f in files(tmp_path)) == sorted(
+        f"{t}-p{p}-{lo}-{hi}.parquet" for (t, p), (lo, hi) in expect.items())
+    for f in files(tmp_path):  # each file holds its slice only, in offset order
+        t = pq.read_table(f)
+        assert set(t["topic"].to_pylist()) == {f.name.split("-p")[0]}
+        assert t["offset"].to_pylist() == sorted(t["offset"].to_pylist())
+    assert sorted(e.event_id for e in read_events(tmp_path)) == sorted(e.event_id for e in events)
+    assert ArchiveWriter(tmp_path).write_batches([]) == 0
+
+
 def test_replay_rebuilds_the_state_the_stream_wrote(tmp_path):
     from streams.replay import replay_archive
 
