@@ -65,6 +65,9 @@ def worker(
     uvloop.install()
     from faust.worker import Worker as FaustWorker
 
+    from streams.archive import warm_up
+
+    warm_up()  # not inside the archive agent's first batch
     app = create_app(s, scorer, m)
     FaustWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
 

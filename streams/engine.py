@@ -31,7 +31,7 @@ import orjson
 from aiokafka import ConsumerRebalanceListener
 
 from streams.app import EXIT_UNSAFE, Backoff, Worker, settle_heap
-from streams.archive import record_batch
+from streams.archive import record_batch, warm_up
 from streams.pipeline import BatchResult, Record
 
 log = logging.getLogger("clv.engine")
@@ -152,8 +152,7 @@ class KafkaEngine:
         self.worker = BatchWorker(s, _App(self.producer), self.scorer, self.metrics)
         await self.worker.store.write_meta()
         await self.worker.reload_model()  # before the first batch: is the champion's encoder ours?
-        # pyarrow imports pandas on the first Table: ~1.5 s of CPU, not inside the first batch
-        await asyncio.get_running_loop().run_in_executor(None, _warm_archive)
+        await asyncio.get_running_loop().run_in_executor(None, warm_up)  # not in the first batch
         self.consumer.subscribe(list(s.event_topics), listener=_Listener(self))
         await self.consumer.start()
         log.info("consuming %s as group %s (engine kafka, batches of up to %d within %.3fs)",
@@ -286,12 +285,6 @@ def _die(what: str, exc: BaseException | None = None) -> None:
                  exc_info=exc or True)
     logging.shutdown()
     os._exit(EXIT_UNSAFE)
-
-
-def _warm_archive() -> None:
-    import pyarrow as pa
-
-    pa.Table.from_pydict({"x": [1]})
 
 
 async def serve(settings, scorer=None, metrics=None) -> None:

@@ -13,9 +13,9 @@ Differences from ``streams.app`` (everything else is imported from it unchanged)
 from __future__ import annotations
 
 import asyncio
-import time
 
 from streams.app import Backoff, Worker, _records
+from streams.archive import warm_up
 from streams.engine import BatchWorker
 
 
@@ -84,18 +84,8 @@ def create_app(settings, scorer=None, metrics=None, publish: str = "batch"):
     async def on_start():
         await worker.store.write_meta()
         # warm the archive's lazy imports (pyarrow -> pandas) off the first batch
-        await asyncio.get_running_loop().run_in_executor(None, _warm_archive)
+        await asyncio.get_running_loop().run_in_executor(None, warm_up)
         if metrics:
             await metrics.start(app)
 
     return app
-
-
-def _warm_archive() -> None:
-    t = time.perf_counter()
-    import pyarrow as pa
-
-    pa.Table.from_pydict({"x": [1]})
-    import logging
-
-    logging.getLogger("clv.worker").info("archive imports warmed in %.1fs", time.perf_counter() - t)
