@@ -19,9 +19,9 @@ F_AT = "at"  # scored-at, epoch seconds
 SCORE_FIELDS = (F_CLV, F_P, F_SEG, F_MV, F_AT)
 
 # The ``top`` zset holds only the highest-CLV users: every user whose CLV is above the floor
-# kept in ``top_floor`` (raised whenever the zset grows past TOP_KEEP members). The CLV
-# distribution is the ``hist`` hash, kept exact by the same save script.
-TOP_KEEP = 10_000
+# kept in ``top_floor`` (raised whenever the zset grows past TOP_KEEP members; CLV_TOP_KEEP sets
+# it for the worker). The CLV distribution is the ``hist`` hash, kept exact by the same save script.
+TOP_KEEP = 10_000  # the default of Settings.top_keep
 # ``hist`` buckets: bucket i (field "i") counts users with HIST_EDGES[i-1] <= clv < HIST_EDGES[i]
 # (bucket 0: clv < 1; the last, len(HIST_EDGES): clv >= 5e12). 1-2-5 log-spaced, in USD.
 HIST_EDGES: tuple[float, ...] = tuple(float(m * 10**k) for k in range(13) for m in (1, 2, 5))

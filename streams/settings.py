@@ -48,10 +48,13 @@ class Settings(BaseSettings):
     engine: Literal["faust", "kafka"] = Field(
         "faust", description="how `clv worker` consumes: 'faust' (Faust agents, streams/app.py) or "
         "'kafka' (one aiokafka consumer-group loop, streams/engine.py: same batch step and "
-        "guarantees without Faust's per-message path, ~4-5x the events/s per core)")
+        "guarantees without Faust's per-message path, ~7x the events/s per core)")
     batch_max: int = 5000
     batch_within_s: float = 0.02
     stream_buffer_maxsize: int = 65536
+    top_keep: int = Field(
+        10_000, description="how many of the highest-CLV users the `top` zset keeps (the ops page's "
+        "top list; ~100 bytes of Redis each); streams/keys.py TOP_KEEP")
     retry_backoff_initial_s: float = 0.2
     retry_backoff_max_s: float = 10.0
     worker_web_port: int = 6066
@@ -80,7 +83,7 @@ class Settings(BaseSettings):
     )
     score_horizon_weeks: int = 39
 
-    @field_validator("topic_partitions", "batch_max", "archive_batch_max")
+    @field_validator("topic_partitions", "batch_max", "archive_batch_max", "top_keep")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:

@@ -238,7 +238,7 @@ class RedisStore:
 
     @classmethod
     def from_settings(cls, settings) -> "RedisStore":
-        return cls(redis_client(settings), settings.redis_prefix)
+        return cls(redis_client(settings), settings.redis_prefix, settings.top_keep)
 
     async def reset_top(self) -> None:
         """Forget the top set and its floor, so that the next writes rebuild it from scratch

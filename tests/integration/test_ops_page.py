@@ -108,7 +108,8 @@ def world(services, tmp_path_factory):
     settings = services.settings(
         topic_clicks=clicks, topic_orders=orders, topic_reviews=unique("ops-absent"),
         topic_profiles=unique("ops-absent"), consumer_group=group,
-        redis_prefix=f"ops{unique('p')}", data_dir=data_dir, api_token=TOKEN)
+        redis_prefix=f"ops{unique('p')}", data_dir=data_dir, api_token=TOKEN,
+        top_keep=25)  # CLV_TOP_KEEP below N_USERS: the top set gets a floor
     now = time.time()
 
     async def fill():
@@ -174,6 +175,11 @@ def test_ops_page_shows_what_redis_and_kafka_hold(world, api):
     assert shown == [(u, pytest.approx(s)) for u, s in top] == [(u, pytest.approx(s)) for u, s in truth]
     assert shown[0][0] == f"user<{N_USERS - 1}>"
     assert dom.all("top-clv")[0][1] == f"{round(1.7 ** (N_USERS - 1), 2):,.2f}"
+    # which users the ranking covers: the CLV_TOP_KEEP highest, above the floor
+    floor = float(r.get(keys.top_floor))
+    assert r.zcard(keys.top) == 25 and floor == pytest.approx(round(1.7 ** (N_USERS - 26), 2))
+    assert dom.one("top-tracked")[1] == (f"ranked among the 25 users above CLV {floor:,.2f} "
+                                         "(the top set, CLV_TOP_KEEP); `clv rescore` rebuilds it")
 
     # the model: registry champion, and the version the worker wrote last (newest 'at')
     assert dom.one("model-champion")[1] == "m-champ"
