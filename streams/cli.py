@@ -57,6 +57,9 @@ def worker(
         scorer.on_refuse = m.model_refused
         if scorer.current is not None:
             m.model_changed(scorer.current.version)
+    from streams.archive import warm_up
+
+    warm_up()  # pyarrow's pandas import, not inside either engine's first archive batch
     if s.engine == "kafka":
         from streams.engine import serve
 
@@ -65,9 +68,6 @@ def worker(
     uvloop.install()
     from faust.worker import Worker as FaustWorker
 
-    from streams.archive import warm_up
-
-    warm_up()  # not inside the archive agent's first batch
     app = create_app(s, scorer, m)
     FaustWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
 

@@ -31,7 +31,7 @@ import orjson
 from aiokafka import ConsumerRebalanceListener
 
 from streams.app import EXIT_UNSAFE, Backoff, Worker, settle_heap
-from streams.archive import record_batch, warm_up
+from streams.archive import record_batch
 from streams.pipeline import BatchResult, Record
 
 log = logging.getLogger("clv.engine")
@@ -152,7 +152,6 @@ class KafkaEngine:
         self.worker = BatchWorker(s, _App(self.producer), self.scorer, self.metrics)
         await self.worker.store.write_meta()
         await self.worker.reload_model()  # before the first batch: is the champion's encoder ours?
-        await asyncio.get_running_loop().run_in_executor(None, warm_up)  # not in the first batch
         self.consumer.subscribe(list(s.event_topics), listener=_Listener(self))
         await self.consumer.start()
         log.info("consuming %s as group %s (engine kafka, batches of up to %d within %.3fs)",

@@ -68,7 +68,6 @@ class BatchResult:
     valid_events: list[tuple[Record, Event]] = field(default_factory=list)
     dlq_reasons: dict[str, int] = field(default_factory=dict)
     score_event_ts: list[float] = field(default_factory=list)  # event times of scored events
-    n_dead_counted: int = 0  # dead letters already added to the ops counters
 
 
 class Transient(Exception):
@@ -159,14 +158,15 @@ class Pipeline:
             scored = {so.user_id for so in result.scores}
             result.score_event_ts = [ev.ts for _, ev in result.valid_events if ev.user_id in scored]
         if not by_user:  # nothing to save (all dead letters): the counters go on their own
-            self._owe_dead(result, owed)
+            self._owe_dead(result, owed, sent)
             await _redis("stats", self.store.record_stats(owed, {"ts_last": repr(self.clock())}))
         return result
 
-    def _owe_dead(self, result: BatchResult, owed: dict[str, int]) -> None:
-        """Add the dead letters not yet counted to ``owed`` (the ``stats`` hash's dlq counters)."""
-        new = result.dead[result.n_dead_counted:]
-        result.n_dead_counted = len(result.dead)
+    @staticmethod
+    def _owe_dead(result: BatchResult, owed: dict[str, int], sent: dict[str, int]) -> None:
+        """Add the dead letters not yet counted (neither sent nor owed) to ``owed`` (the
+        ``stats`` hash's dlq counters)."""
+        new = result.dead[sent.get("dlq", 0) + owed.get("dlq", 0):]
         if new:
             owed["dlq"] = owed.get("dlq", 0) + len(new)
             for d in new:
@@ -212,7 +212,7 @@ class Pipeline:
         scores = self._score(touched, result)
         t3 = time.perf_counter()
         updates = [Update(uid, st, ver, scores.get(uid)) for uid, st, ver, _ in touched] + marks
-        self._owe_dead(result, owed)
+        self._owe_dead(result, owed, sent)
         owed["processed"] = owed.get("processed", 0) + sum(a for a, _ in counts.values())
         owed["duplicates"] = owed.get("duplicates", 0) + sum(d for _, d in counts.values())
         put = {"ts_last": repr(self.clock())}
