@@ -196,22 +196,28 @@ def apply(
     return True
 
 
+# the click path's indices, looked up once: per half-life (its reference time, its decay rate,
+# every action's counter) and per action (its total counter, its counter per half-life)
+_CLICK_K = tuple((T_REF[k], rate, tuple(DC[a, k] for a in CLICK_ACTIONS)) for k, rate in enumerate(_DECAY))
+_CLICK_A = {a: (N_ACT[a], tuple(DC[a, k] for k in range(len(HALF_LIVES_DAYS)))) for a in CLICK_ACTIONS}
+_exp = math.exp
+
+
 def _click(s: State, ev: Click, t: float) -> None:
     v = s.v
-    a = ev.action
-    v[N_ACT[a]] += 1
-    for k, rate in enumerate(_DECAY):
-        ref_i = T_REF[k]
+    n_i, own = _CLICK_A[ev.action]
+    v[n_i] += 1
+    for (ref_i, rate, counters), a_i in zip(_CLICK_K, own):
         ref = v[ref_i]
         if t >= ref:
             if ref > 0:
-                f = math.exp(-rate * (t - ref))
-                for act in CLICK_ACTIONS:
-                    v[DC[act, k]] *= f
+                f = _exp(-rate * (t - ref))
+                for c in counters:
+                    v[c] *= f
             v[ref_i] = t
-            v[DC[a, k]] += 1.0
+            v[a_i] += 1.0
         else:
-            v[DC[a, k]] += math.exp(-rate * (ref - t))
+            v[a_i] += _exp(-rate * (ref - t))
     if ev.category:
         s.cats |= _cat_bit(ev.category)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,6 +27,7 @@ from streams.store import FeatureStore, Score, Update
 
 log = logging.getLogger("clv.pipeline")
 TOPIC_TYPES = ("click", "order", "review", "profile")
+TEXT_CACHE = 4096  # recent review texts whose embeddings are kept (a repeated text is not re-encoded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,8 @@ class Pipeline:
         self.clock = clock
         self.limits = Limits.from_settings(settings)
         self.topic_index = {t: i for i, t in enumerate(settings.event_topics)}
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # recent text -> embedding
+        self._cache_model = None  # the Scorer whose embeddings the cache holds
 
     # ---- decode ---------------------------------------------------------------------
     def decode(self, records: Sequence[Record], result: BatchResult) -> dict[str, list]:
@@ -116,8 +119,24 @@ class Pipeline:
                    if isinstance(ev, Review) and ev.text]
         if not reviews:
             return {}
-        vecs = model.encode([r.text for r in reviews])
-        return {id(r): v for r, v in zip(reviews, vecs)}
+        cache = self._text_cache
+        if self._cache_model is not model:  # another model, another embedding space
+            cache.clear()
+            self._cache_model = model
+        # each distinct text once, and not again while it is among the recent ones
+        todo = list(dict.fromkeys(r.text for r in reviews if r.text not in cache))
+        fresh = dict(zip(todo, model.encode(todo))) if todo else {}
+        out = {}
+        for r in reviews:
+            vec = fresh.get(r.text)
+            if vec is None:
+                vec = cache[r.text]
+                cache.move_to_end(r.text)
+            out[id(r)] = vec
+        cache.update(fresh)  # a batch with more new texts than the cache holds keeps the newest
+        while len(cache) > TEXT_CACHE:
+            cache.popitem(last=False)
+        return out
 
     # ---- main step -----------------------------------------------------------------------
     async def process(self, records: Sequence[Record]) -> BatchResult:
