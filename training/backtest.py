@@ -1,7 +1,7 @@
 """`clv backtest`: score the CLV model and its baselines on any transaction history.
 
     clv backtest --transactions tx.csv --cutoff 1997-09-30 --horizon 39w [--events DIR|FILE.jsonl]
-                 [--report out/] [--no-model] [--quick] [--bootstrap 200]
+                 [--report out/] [--no-model] [--quick] [--bootstrap 200] [--ablation]
 
 Population: customers with at least one purchase on or before the cutoff (inclusive).
 Actual value: their spend dated in (cutoff, cutoff + horizon]. No model sees anything after
@@ -131,6 +131,7 @@ def fit_model(tx, side_events: Sequence, window, ids: list[str], t_cutoffs: Sequ
         MODEL_NAME,
         np.asarray(pred.expected_clv, dtype=np.float64)[take] * window.scale,
         np.clip(np.asarray(pred.p_repeat, dtype=np.float64)[take], 0.0, 1.0),
+        np.asarray(pred.quantiles, dtype=np.float64)[take] * window.scale,
     ), info
 
 
@@ -151,12 +152,15 @@ def run_backtest(
     progress: bool = True,
     console=None,
     horizon_scale: str = "validated",
+    intervals: bool = True,
 ) -> BacktestResult:
     """Everything but the printing: fit the baselines (and the model), evaluate, bootstrap.
 
     ``horizon_scale``: how window-trained models (model, LightGBM) reach the horizon when the
     training window is shorter: ``"validated"`` (``H/W`` times a factor measured by replaying
-    the protocol one step earlier, ``training.calibration``) or ``"days"`` (``H/W`` alone)."""
+    the protocol one step earlier, ``training.calibration``) or ``"days"`` (``H/W`` alone).
+    ``intervals``: fit the split-conformal scales of the model's 50 % / 80 % spend intervals
+    on that validation replay (``training.calibration.calibrate_scores``)."""
     import numpy as np
     import pandas as pd
     from rich.console import Console
@@ -164,7 +168,7 @@ def run_backtest(
 
     from training import baselines as B
     from training import calibration as C
-    from training.evaluate import ModelScores, evaluate
+    from training.evaluate import ModelScores, evaluate, interval_summary
     from training.transactions import InputError, active_customers, spend_between
 
     console = console or Console(stderr=True, quiet=not progress)
@@ -202,6 +206,7 @@ def run_backtest(
         if horizon_scale == "validated" and val is None:
             notes.append("the history is too short for the validated horizon scale; the day ratio is used")
     models, timings = [], {}
+    meta_extra: dict = {}
 
     def validated(m, predict):
         """``m`` scaled by the factor measured on the validation replay (``predict(win, ids)``)."""
@@ -236,10 +241,24 @@ def run_backtest(
     if model:
         m, model_info = step("model (dataset + training)",
                              lambda: fit_model(tx, side_events, window, ids, t_cuts, cfg, notes))
-        if val is not None:
-            m = step("model on the validation replay", lambda: validated(
-                m, lambda win, who: fit_model(tx, side_events, win, who, train_cutoffs(tx, win, n_train_cutoffs),
-                                              cfg)[0].expected))
+        # the validation replay (labels end at the cutoff) sets the horizon factor (validated
+        # scale) and the conformal interval scales; with intervals on it runs even when the
+        # training window is the horizon (then it is the protocol one window earlier)
+        rep = val if val is not None else (C.validation(tx, window) if intervals else None)
+        if rep is not None:
+            mv = step("model on the validation replay", lambda: fit_model(
+                tx, side_events, rep.window, rep.ids, train_cutoffs(tx, rep.window, n_train_cutoffs), cfg)[0])
+            f = 1.0
+            if val is not None:
+                f = val.factor(mv.expected)
+                factors[m.name] = round(f, 4)
+            m = C.calibrate_scores(m, mv, rep.y, f if intervals else None, factor=f)
+            if intervals:
+                meta_extra["interval calibration"] = (
+                    f"split-conformal on {len(rep.ids)} customers at {rep.window.cutoff.date()} "
+                    f"(+{rep.window.horizon_days:.0f} d): scales {m.interval_scale}")
+        elif intervals:
+            notes.append("the history is too short for a validation replay: the model's intervals are uncalibrated")
         models.insert(0, m)
     if not models:
         raise InputError("nothing to evaluate: enable the model or at least one baseline")
@@ -265,12 +284,14 @@ def run_backtest(
                           f"{len(val.ids)} customers" if val is not None else
                           f"days: {window.scale:.4f}"),
         "horizon factors": factors,
+        **meta_extra,
     }
     if bg_info is not None:
         meta["BG/NBD params"] = {k: round(v, 4) for k, v in bg_info.bg_params.items()}
         meta["Gamma-Gamma params"] = None if bg_info.gg_params is None else {k: round(v, 4) for k, v in bg_info.gg_params.items()}
     if model_info is not None:
         meta["model"] = model_info
+    meta["intervals"] = {m.name: interval_summary(y, m) for m in models}
     return BacktestResult(ids, y, models, ev, window, meta, notes)
 
 
@@ -281,8 +302,27 @@ def print_result(res: BacktestResult, console, title: str = "CLV backtest") -> N
     console.print(table)
     if diffs is not None:
         console.print(diffs)
+    console.print(interval_table(res.meta.get("intervals", {})))
     for n in res.notes:
         console.print(f"[yellow]note:[/] {n}")
+
+
+def interval_table(summary: dict):
+    """Rich table: total predicted / actual per model, and the spend intervals' coverage."""
+    from rich.table import Table
+
+    t = Table(title="calibration: total predicted / actual, prediction-interval coverage (95 % Wilson CI)")
+    for c in ("model", "total pred/actual", "interval", "coverage", "by decile of predicted value (low -> high)"):
+        t.add_column(c)
+    for name, s in summary.items():
+        iv = [k for k in s if k != "total_ratio"]
+        if not iv:
+            t.add_row(name, f"{s['total_ratio']:.3f}", "-", "-", "-")
+        for i, k in enumerate(iv):
+            lo, hi = s[k]["ci"]
+            t.add_row(name if i == 0 else "", f"{s['total_ratio']:.3f}" if i == 0 else "", k,
+                      f"{s[k]['coverage']:.3f} [{lo:.3f}, {hi:.3f}]", " ".join(f"{v:.2f}" for v in s[k]["by_decile"]))
+    return t
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -303,6 +343,9 @@ def backtest(
     horizon_scale: str = typer.Option("validated", "--horizon-scale",
                                       help="window shorter than the horizon: 'validated' (day ratio x factor measured "
                                            "one step earlier, leak-free) or 'days' (day ratio only)"),
+    ablation: bool = typer.Option(False, "--ablation", help="instead: train the model five times, adding one input "
+                                                             "at a time (orders, clicks, ratings, text, profile), "
+                                                             "and print each step's paired gain"),
 ) -> None:
     """Backtest the CLV model against BG/NBD+Gamma-Gamma, LightGBM on RFM and the naive rule."""
     from rich.console import Console
@@ -336,6 +379,19 @@ def backtest(
                     "or run the baselines only with --no-model"
                 ) from None
             cfg = TrainConfig(seed=seed, quick=quick, device=device)
+        if ablation:
+            if not model:
+                raise InputError("--ablation trains the model: drop --no-model")
+            if events is None:
+                raise InputError("--ablation compares inputs beside the orders: pass --events (archive or JSONL)")
+            from training.ablation import print_ablation, run_ablation, write_ablation_report
+
+            ab = run_ablation(tx, side, cut, h, cfg, n_boot=bootstrap, seed=seed, n_train_cutoffs=n_train_cutoffs,
+                              train_days=tw, console=err)
+            print_ablation(ab, out, f"ablation: {transactions.name}, cutoff {cut.date()}, horizon {h:g} d")
+            if report is not None:
+                out.print(f"report: {write_ablation_report(report, ab)}")
+            return
         res = run_backtest(tx, cut, h, side_events=side, model=model, cfg=cfg, n_boot=bootstrap, seed=seed,
                            train_days=tw, n_train_cutoffs=n_train_cutoffs, console=err, horizon_scale=horizon_scale)
     except InputError as exc:

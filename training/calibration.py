@@ -77,3 +77,67 @@ def validation(tx: pd.DataFrame, window: Window) -> Validation | None:
 def validated_factor(val: Validation, predict: Callable[[Window, list[str]], np.ndarray]) -> float:
     """``predict(window_v, ids_v)`` returns predictions for ``H_v`` (already × H_v/W_v)."""
     return val.factor(np.asarray(predict(val.window, val.ids), dtype=np.float64))
+
+
+# ---- conformal scaling of the ZILN quantiles ---------------------------------------------------
+# The head's 10/50/90 % spend quantiles come from one lognormal per customer whose sigma early
+# stopping does not pin down, so the raw 80 % interval need not cover 80 %. Split-conformal
+# scaling (fitted on the validation replay's customers, whose labels end at the cutoff):
+# in log1p space, an interval with scale s around the median m is
+#     lo_s = expm1(log1p(m) - s * (log1p(m) - log1p(q10)))    (clipped at 0)
+#     hi_s = expm1(log1p(m) + s * (log1p(q90) - log1p(m)))
+# (s = 1 is the model's own 80 % interval). Each customer's score is the smallest s whose
+# interval holds their actual value; the fitted s is the ceil((n + 1) * level) / n empirical
+# quantile of the scores (the finite-sample split-conformal rule), one s per level.
+# Two plain numbers per model (50 % and 80 %), stored in the card and the head's metadata.
+LEVELS = (0.5, 0.8)
+SCALE_MAX = 50.0
+
+
+def conformal_scores(y: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Smallest scale ``s`` whose interval around the median covers each ``y`` (``q`` [N, 3])."""
+    y = np.log1p(np.maximum(np.asarray(y, np.float64), 0.0))
+    lq = np.log1p(np.maximum(np.asarray(q, np.float64), 0.0))
+    lo, mid, hi = lq[:, 0], lq[:, 1], lq[:, 2]
+    up, down = hi - mid, mid - lo
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(y >= mid, (y - mid) / up, (mid - y) / down)
+    s = np.where(y == mid, 0.0, s)
+    return np.where(np.isfinite(s), np.clip(s, 0.0, SCALE_MAX), SCALE_MAX)
+
+
+def fit_interval_scale(y: np.ndarray, q: np.ndarray, level: float) -> float:
+    """The split-conformal scale for a ``level`` interval from validation actuals ``y`` and the
+    model's quantiles ``q`` [N, 3] (10/50/90 %) for the same customers."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level must be in (0, 1), got {level}")
+    s = np.sort(conformal_scores(y, q))
+    n = s.size
+    if n == 0:
+        raise ValueError("no validation customers to fit the interval scale on")
+    k = min(n, int(np.ceil((n + 1) * level)))
+    return float(s[k - 1])
+
+
+def scaled_interval(q: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of the interval with ``scale`` around the median (see the module notes)."""
+    lq = np.log1p(np.maximum(np.asarray(q, np.float64), 0.0))
+    mid = lq[:, 1]
+    lo = np.maximum(np.expm1(mid - scale * (mid - lq[:, 0])), 0.0)
+    hi = np.expm1(mid + scale * (lq[:, 2] - mid))
+    return lo, hi
+
+
+def calibrate_scores(m, m_val, y_val: np.ndarray, interval_factor: float | None, factor: float = 1.0):
+    """``m`` (a ``training.evaluate.ModelScores`` with quantiles) with expected value and
+    quantiles times ``factor`` and, unless ``interval_factor`` is None, the conformal scales
+    fitted on the validation replay's scores ``m_val`` (quantiles times ``interval_factor``)
+    against its actuals ``y_val``."""
+    from training.evaluate import ModelScores
+
+    q = None if m.quantiles is None else m.quantiles * factor
+    scales = None
+    if interval_factor is not None and m_val.quantiles is not None:
+        qv = m_val.quantiles * interval_factor
+        scales = {f"{lv:g}": round(fit_interval_scale(y_val, qv, lv), 4) for lv in LEVELS}
+    return ModelScores(m.name, m.expected * factor, m.p_any, q, scales)

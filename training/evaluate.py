@@ -165,6 +165,8 @@ class ModelScores:
     name: str
     expected: np.ndarray  # predicted value in the horizon
     p_any: np.ndarray | None = None  # P(any purchase in the horizon), if the model gives one
+    quantiles: np.ndarray | None = None  # [N, 3] spend quantiles 10/50/90 % in the horizon, if any
+    interval_scale: dict | None = None  # level -> conformal scale (training.calibration), if fitted
 
 
 @dataclass
@@ -257,3 +259,62 @@ def best_by(point: Mapping[str, Mapping[str, float]], metric: str, among: Sequen
     if not vals:
         return None
     return (max(vals) if HIGHER_IS_BETTER[metric] else min(vals))[1]
+
+
+# ---- prediction intervals ---------------------------------------------------------------------
+def interval_coverage(y_true, lo, hi) -> float:
+    """Share of customers whose actual value lies in ``[lo, hi]`` (both ends inclusive)."""
+    y, a = _as_arrays(y_true, lo)
+    _, b = _as_arrays(y_true, hi)
+    return float(np.mean((y >= a) & (y <= b)))
+
+
+def coverage_by_decile(y_true, y_pred, lo, hi, n_buckets: int = 10) -> np.ndarray:
+    """Interval coverage per bucket of predicted rank (lowest bucket first), the same
+    equal-sized buckets as ``decile_table``."""
+    y, p = _as_arrays(y_true, y_pred)
+    _, a = _as_arrays(y_true, lo)
+    _, b = _as_arrays(y_true, hi)
+    n = y.size
+    if n < n_buckets:
+        raise ValueError(f"need at least {n_buckets} customers for decile coverage, got {n}")
+    bucket = np.empty(n, dtype=np.int64)
+    bucket[np.argsort(p, kind="stable")] = (np.arange(n) * n_buckets) // n
+    inside = ((y >= a) & (y <= b)).astype(np.float64)
+    return np.bincount(bucket, weights=inside, minlength=n_buckets) / np.bincount(bucket, minlength=n_buckets)
+
+
+def total_ratio(y_true, y_pred) -> float:
+    """Total predicted / total actual value (1 = calibrated in aggregate; NaN if no spend)."""
+    y, p = _as_arrays(y_true, y_pred)
+    tot = y.sum()
+    return float(p.sum() / tot) if tot > 0 else float("nan")
+
+
+def interval_summary(y_true, m: ModelScores) -> dict:
+    """Coverage of the model's spend intervals: the raw 80 % (q10..q90) and, when
+    ``m.interval_scale`` is set, the calibrated 50 % and 80 % intervals, overall and per
+    decile of predicted value, with a 95 % binomial (Wilson) interval on the overall figure."""
+    from training.calibration import scaled_interval
+
+    y = np.asarray(y_true, dtype=np.float64)
+    out: dict = {"total_ratio": total_ratio(y, m.expected)}
+    if m.quantiles is None:
+        return out
+    q = np.asarray(m.quantiles, dtype=np.float64)
+    rows = {"raw 80%": (q[:, 0], q[:, 2])}
+    for level, s in (m.interval_scale or {}).items():
+        rows[f"{float(level):.0%}"] = scaled_interval(q, float(s))
+    for name, (lo, hi) in rows.items():
+        c = interval_coverage(y, lo, hi)
+        out[name] = {"coverage": c, "ci": wilson(c, y.size),
+                     "by_decile": coverage_by_decile(y, m.expected, lo, hi).round(4).tolist()}
+    return out
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` observed on ``n`` customers."""
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return float(c - h), float(c + h)

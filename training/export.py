@@ -314,6 +314,10 @@ def export_model(fitted, out_dir: Path, model_version: str, horizon_weeks: int, 
     contract.check("export")
     meta = contract.to_metadata()
     meta["clv.encoder_id"] = encoder_id
+    # spend intervals: lo/hi = expm1(log1p(q50) -/+ s * (log1p(q50) - log1p(q10) | log1p(q90) - log1p(q50))),
+    # lo clipped at 0 (training.calibration.scaled_interval); plain numbers, one per level
+    for level, s in (fitted.info.get("interval_scale") or {}).items():
+        meta[f"clv.interval_scale_{round(float(level) * 100)}"] = repr(float(s))
     card: dict = {
         "model_version": model_version,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -388,10 +388,27 @@ def fit(train: Sequence[Examples] | Examples, cfg: TrainConfig | None = None,
     info["_texts"] = [all_texts[i] for i in rng.permutation(len(all_texts))[:64]]
     latest = [p for p in parts if p.cutoff == max(q.cutoff for q in parts)]
     model.thresholds = thresholds(model.predict(concat(latest)), cfg.lapsing_p)
+    info["interval_scale"] = _interval_scales(head, data["valid"])
     info["train_seconds"] = round(time.perf_counter() - t0, 2)
     log.info("trained %d member(s) on %d rows in %.1fs (text %s)", cfg.n_ensemble, len(ex),
              info["train_seconds"], "on" if encoder is not None else "off")
     return model
+
+
+def _interval_scales(head, valid: tuple) -> dict | None:
+    """Split-conformal scales of the 50 % / 80 % spend intervals on the held-out validation
+    rows (``training.calibration``); None with fewer than 30 of them. The backtest refits
+    them on its validation replay; the export stamps them into head.onnx's metadata."""
+    import torch
+
+    from training.calibration import LEVELS, fit_interval_scale
+
+    vf, vt, vy = valid
+    if len(vy) < 30:
+        return None
+    with torch.inference_mode(), _threads(1):
+        q = head(torch.from_numpy(vf), torch.from_numpy(vt))[2].numpy()
+    return {f"{lv:g}": round(fit_interval_scale(vy, q, lv), 4) for lv in LEVELS}
 
 
 def thresholds(pred: Prediction, lapsing_p: float) -> dict:

@@ -195,6 +195,14 @@ def test_model_backtest_on_cdnow_sample_without_leakage():
     np.testing.assert_allclose(b.models[0].expected, model.expected, rtol=1e-5)
     assert "model" in a.meta["horizon factors"]
     assert b.meta["horizon factors"]["model"] == pytest.approx(a.meta["horizon factors"]["model"], rel=1e-5)
+    # intervals: conformal scales from the validation replay (labels end at the cutoff), so
+    # they too ignore everything after the cutoff; coverage reported per decile
+    assert set(model.interval_scale) == {"0.5", "0.8"} and model.interval_scale == b.models[0].interval_scale
+    iv = a.meta["intervals"]["model"]
+    assert set(iv) == {"total_ratio", "raw 80%", "50%", "80%"} and len(iv["80%"]["by_decile"]) == 10
+    assert iv["80%"]["coverage"] >= iv["50%"]["coverage"] and 0.6 < iv["80%"]["coverage"] <= 1.0
+    assert iv["80%"]["ci"][0] < iv["80%"]["coverage"] < iv["80%"]["ci"][1]
+    assert set(a.meta["intervals"]["BG/NBD+GG"]) == {"total_ratio"}
 
 
 # ---- --events sources ----------------------------------------------------------------------------
@@ -247,3 +255,36 @@ def test_load_side_events_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no archive"):
         load_side_events(tmp_path / "empty")
+
+
+# ---- --ablation ------------------------------------------------------------------------------------
+@pytest.mark.train
+def test_cli_ablation_on_a_small_shop(tmp_path):
+    """`clv backtest --ablation` on a user's CSV + events JSONL: five arms, the baselines, the
+    paired step gains, and each arm saw only its own events."""
+    pytest.importorskip("torch")
+    from clv_cli import app
+    from streams.events import encode
+    from streams.simulate import simulate
+    from training.ablation import ARMS, orders_frame
+
+    events = list(simulate(n_users=400, start="2024-01-01", days=300, seed=3).iter_events())
+    tx = orders_frame(events)
+    csv = tmp_path / "tx.csv"
+    tx.assign(date=tx["date"].dt.strftime("%Y-%m-%d")).to_csv(csv, index=False)
+    side = tmp_path / "events.jsonl"
+    side.write_bytes(b"".join(encode(e) + b"\n" for e in events))  # orders in it are dropped
+    args = ["backtest", "-t", str(csv), "--cutoff", "2024-07-31", "--horizon", "8w", "--quick",
+            "--bootstrap", "10", "--train-cutoffs", "1"]
+    r = CliRunner().invoke(app, [*args, "--ablation", "--events", str(side), "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    for name, _, _ in ARMS:
+        assert f"{name} - " in r.output  # the paired step table
+    for name in ("BG/NBD+GG", "LightGBM-RFM", "naive"):
+        assert name in r.output
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert set(m["point"]) == {a[0] for a in ARMS} | {"BG/NBD+GG", "LightGBM-RFM", "naive"}
+    assert "+ review text - + reviews (ratings)" in m["diffs"]
+    assert m["point"]["orders only"]["gini"] > 0.3
+    r = CliRunner().invoke(app, [*args, "--ablation"])
+    assert r.exit_code == 2 and "--events" in r.output

@@ -165,3 +165,50 @@ def test_lightgbm_and_naive_on_cdnow_sample(cdnow_sample):
     days = (cut - cal["date"].min()).days + 1
     assert nv.expected[0] == pytest.approx(cal["amount"].sum() / days * 273.0)
     assert E.decile_mape(y, nv.expected) > 1.0  # the naive rule ignores churn: far too high
+
+
+def test_interval_coverage_by_decile_and_total_ratio():
+    y = np.arange(1.0, 21.0)
+    lo, hi = y - 0.5, y + 0.5
+    hi[:10] = y[:10] - 0.1  # the lower half is missed
+    assert E.interval_coverage(y, lo, hi) == pytest.approx(0.5)
+    assert E.coverage_by_decile(y, y, lo, hi) == pytest.approx([0] * 5 + [1] * 5)
+    assert E.total_ratio(y, 2 * y) == pytest.approx(2.0)
+    assert np.isnan(E.total_ratio(np.zeros(3), np.ones(3)))
+    a, b = E.wilson(0.8, 1000)
+    assert a < 0.8 < b and b - a == pytest.approx(0.0496, abs=0.002)
+
+
+def test_conformal_scale_makes_too_narrow_intervals_cover_their_level():
+    """ZILN-shaped data whose model quantiles are half as wide (log space) as the truth: the
+    split-conformal scale fitted on one sample covers ~80 % / ~50 % of a fresh sample."""
+    from scipy.stats import norm
+
+    from training import calibration as C
+
+    def draw(n, seed):
+        rng = np.random.default_rng(seed)
+        mu = rng.normal(3.0, 1.0, n)
+        buy = rng.random(n) < 0.95
+        y = np.where(buy, np.exp(mu + 1.2 * rng.standard_normal(n)), 0.0)
+        # the model's quantiles: right p and mu, sigma 0.6 instead of 1.2
+        q = np.stack([np.where((qq - 0.05) > 0, np.exp(mu + 0.6 * norm.ppf(np.clip((qq - 0.05) / 0.95, 1e-6, 1 - 1e-6))), 0.0)
+                      for qq in (0.1, 0.5, 0.9)], axis=1)
+        return y, q
+
+    yv, qv = draw(4000, 0)
+    yt, qt = draw(4000, 1)
+    raw = E.interval_coverage(yt, qt[:, 0], qt[:, 2])
+    assert raw < 0.72  # too narrow before
+    for level in (0.5, 0.8):
+        s = C.fit_interval_scale(yv, qv, level)
+        lo, hi = C.scaled_interval(qt, s)
+        assert abs(E.interval_coverage(yt, lo, hi) - level) < 0.03
+    # s = 1 reproduces the model's own interval; scores are the smallest covering scale
+    lo, hi = C.scaled_interval(qt, 1.0)
+    assert lo == pytest.approx(qt[:, 0], rel=1e-9, abs=1e-9) and hi == pytest.approx(qt[:, 2], rel=1e-9)
+    sc = C.conformal_scores(yt, qt)
+    lo, hi = C.scaled_interval(qt, 1.0)
+    assert np.all((sc <= 1.0 + 1e-9) == ((yt >= lo - 1e-9) & (yt <= hi + 1e-9)))
+    with pytest.raises(ValueError, match="level"):
+        C.fit_interval_scale(yv, qv, 1.5)

@@ -297,3 +297,21 @@ def test_calibration_scales_spend_but_not_p(data):
     assert scale != 1.0
     np.testing.assert_allclose(cal.p_repeat, plain.p_repeat, rtol=1e-6)
     np.testing.assert_allclose(cal.expected_clv, plain.expected_clv * scale, rtol=1e-3)
+
+
+def test_interval_scales_are_fitted_on_validation_rows_and_stamped_in_the_head(data, tmp_path):
+    from training.calibration import scaled_interval
+    from training.evaluate import interval_coverage
+    from training.export import metadata
+
+    a, b, test = data
+    m = fit([a, b], TrainConfig(seed=3, **QUICK))
+    s = m.info["interval_scale"]
+    assert set(s) == {"0.5", "0.8"} and 0 < s["0.5"] < s["0.8"]
+    q = m.predict(test).quantiles
+    lo50, hi50 = scaled_interval(q, s["0.5"])
+    lo80, hi80 = scaled_interval(q, s["0.8"])
+    assert np.all(lo80 <= lo50 + 1e-9) and np.all(hi80 >= hi50 - 1e-9)  # nested
+    assert interval_coverage(test.label, lo80, hi80) >= interval_coverage(test.label, lo50, hi50)
+    meta = metadata(m.export(tmp_path / "m", "v1", 4) / "head.onnx")
+    assert float(meta["clv.interval_scale_80"]) == s["0.8"] and float(meta["clv.interval_scale_50"]) == s["0.5"]
