@@ -252,7 +252,7 @@ def run_backtest(
             if val is not None:
                 f = val.factor(mv.expected)
                 factors[m.name] = round(f, 4)
-            m = C.calibrate_scores(m, mv, rep.y, f if intervals else None, factor=f)
+            m = C.calibrate_scores(m, mv, rep.y, factor=f, intervals=intervals)
             if intervals:
                 meta_extra["interval calibration"] = (
                     f"split-conformal on {len(rep.ids)} customers at {rep.window.cutoff.date()} "

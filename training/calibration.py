@@ -128,16 +128,21 @@ def scaled_interval(q: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray
     return lo, hi
 
 
-def calibrate_scores(m, m_val, y_val: np.ndarray, interval_factor: float | None, factor: float = 1.0):
+def fit_interval_scales(y: np.ndarray, q: np.ndarray) -> dict[str, float]:
+    """The split-conformal scale of every level in ``LEVELS`` ({"0.5": s50, "0.8": s80}), from
+    validation actuals ``y`` and the model's quantiles ``q`` [N, 3] for the same customers."""
+    return {f"{lv:g}": round(fit_interval_scale(y, q, lv), 4) for lv in LEVELS}
+
+
+def calibrate_scores(m, m_val, y_val: np.ndarray, factor: float = 1.0, intervals: bool = True):
     """``m`` (a ``training.evaluate.ModelScores`` with quantiles) with expected value and
-    quantiles times ``factor`` and, unless ``interval_factor`` is None, the conformal scales
-    fitted on the validation replay's scores ``m_val`` (quantiles times ``interval_factor``)
-    against its actuals ``y_val``."""
+    quantiles times ``factor`` and, if ``intervals``, the conformal scales fitted on the
+    validation replay's scores ``m_val`` (quantiles times the same ``factor``) against its
+    actuals ``y_val``."""
     from training.evaluate import ModelScores
 
     q = None if m.quantiles is None else m.quantiles * factor
     scales = None
-    if interval_factor is not None and m_val.quantiles is not None:
-        qv = m_val.quantiles * interval_factor
-        scales = {f"{lv:g}": round(fit_interval_scale(y_val, qv, lv), 4) for lv in LEVELS}
+    if intervals and m_val.quantiles is not None:
+        scales = fit_interval_scales(y_val, m_val.quantiles * factor)
     return ModelScores(m.name, m.expected * factor, m.p_any, q, scales)

@@ -401,14 +401,14 @@ def _interval_scales(head, valid: tuple) -> dict | None:
     them on its validation replay; the export stamps them into head.onnx's metadata."""
     import torch
 
-    from training.calibration import LEVELS, fit_interval_scale
+    from training.calibration import fit_interval_scales
 
     vf, vt, vy = valid
     if len(vy) < 30:
         return None
     with torch.inference_mode(), _threads(1):
         q = head(torch.from_numpy(vf), torch.from_numpy(vt))[2].numpy()
-    return {f"{lv:g}": round(fit_interval_scale(vy, q, lv), 4) for lv in LEVELS}
+    return fit_interval_scales(vy, q)
 
 
 def thresholds(pred: Prediction, lapsing_p: float) -> dict:
