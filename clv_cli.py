@@ -37,6 +37,7 @@ for _name in COMMAND_MODULES:
     _sub = getattr(_mod, "cli", None)
     if _sub is not None:
         app.registered_commands.extend(_sub.registered_commands)
+        app.registered_groups.extend(_sub.registered_groups)  # e.g. `clv archive compact`
 
 
 if __name__ == "__main__":

@@ -117,28 +117,42 @@ def rescore(
 
 
 @cli.command()
-def replay(score: bool = typer.Option(True, help="also score with the champion (and embed review text)")) -> None:
+def replay(
+    score: bool = typer.Option(True, help="also score with the champion (and embed review text)"),
+    dask: str = typer.Option("", "--dask", help="Dask scheduler address (default CLV_DASK_SCHEDULER): "
+                             "one task per user partition, each writing its users to Redis"),
+    dask_workers: int = typer.Option(0, "--dask-workers", min=0, help="run on a local Dask cluster of "
+                                     "this many processes instead (0: none)"),
+) -> None:
     """Rebuild every user's state in Redis from the archive (stop the workers first)."""
     from rich.progress import Progress
 
     from serving.registry import Registry
     from serving.scorer import Scorer, pick_providers
-    from streams.replay import replay_archive
+    from streams.replay import replay_archive, replay_dask
     from streams.settings import get_settings
     from streams.store import RedisStore
 
     s = get_settings()
-    model = None
+    model = model_path = None
     if score:
         v = Registry(s.models_dir).champion()
         if v is not None:
-            model = Scorer(Registry(s.models_dir).path(v), pick_providers(s.onnx_providers))
+            model_path = str(Registry(s.models_dir).path(v))
+            model = Scorer(model_path, pick_providers(s.onnx_providers))
+    scheduler = dask or (None if dask_workers else s.dask_scheduler)
 
     async def run():
         store = RedisStore.from_settings(s)
-        with Progress() as bar:
-            task = bar.add_task("replaying the archive", total=None)
-            out = await replay_archive(s, store, model, progress=lambda k: bar.update(task, completed=k))
+        if scheduler or dask_workers:
+            from streams.distributed import dask_client
+
+            with dask_client(scheduler, dask_workers) as client:
+                out = replay_dask(s, client, model_path)[:2]
+        else:
+            with Progress() as bar:
+                task = bar.add_task("replaying the archive", total=None)
+                out = await replay_archive(s, store, model, progress=lambda k: bar.update(task, completed=k))
         if model is not None and model.encoder is not None:
             # every embedding is now in the champion's encoder space: workers may serve it
             await store.claim_embedding_space(model.encoder_id, replace=True)
@@ -148,3 +162,26 @@ def replay(score: bool = typer.Option(True, help="also score with the champion (
     users, events = asyncio.run(run())
     typer.echo(f"rebuilt {users} users from {events} archived events"
                + (f", scored with {model.version}" if model else ", not scored (no champion)"))
+
+
+archive_cli = typer.Typer(help="The event archive: compaction and retention (docs/archive.md).")
+cli.add_typer(archive_cli, name="archive")
+
+
+@archive_cli.command("compact")
+def archive_compact(
+    retention_days: int = typer.Option(-1, "--retention-days", help="drop days older than this "
+                                       "(default CLV_ARCHIVE_RETENTION_DAYS; 0 keeps all)"),
+) -> None:
+    """Merge each closed day's small files into one per (topic, partition), sorted by user
+    bucket; drop days past the retention. Safe while workers write; rerun after a crash."""
+    import time
+
+    from streams.compact import compact
+    from streams.settings import get_settings
+
+    s = get_settings()
+    keep = s.archive_retention_days if retention_days < 0 else retention_days
+    rep = compact(s.archive_dir, now=time.time(), grace_s=s.archive_compact_grace_s, retention_days=keep,
+                  progress=lambda what: log.info("compacting %s", what))
+    typer.echo(rep.line())

@@ -64,6 +64,20 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     archive_batch_max: int = 50000
     archive_within_s: float = 5.0
+    # archive compaction, retention and Dask replays (streams/compact.py, streams/distributed.py,
+    # docs/archive.md)
+    archive_retention_days: int = Field(
+        0, description="`clv archive compact` drops archive days (ingest date, UTC) older than this "
+        "many days; 0 keeps everything. The trainer and `clv replay` then see only what is kept")
+    archive_compact_grace_s: float = Field(
+        3600.0, description="a day is compacted only this long after it ended (UTC): a write in "
+        "flight at midnight or a worker with a late clock may still add a file to it until then")
+    dask_scheduler: str | None = Field(
+        None, description="Dask scheduler address (tcp://host:8786) for `clv replay` and the "
+        "training-set build; unset: one process (or --dask-workers N for a local cluster)")
+    dask_partitions: int = Field(
+        0, description="user partitions (one Dask task each) of a replay or training-set build; "
+        "0 = 4 per worker thread. Any number gives the same result")
 
     # --- validation limits -------------------------------------------------
     max_message_bytes: int = 256 * 1024
@@ -82,6 +96,13 @@ class Settings(BaseSettings):
         "auto", description="'auto' (CUDA first when present, else CPU) or a comma list"
     )
     score_horizon_weeks: int = 39
+
+    @field_validator("archive_retention_days", "dask_partitions")
+    @classmethod
+    def _not_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
 
     @field_validator("topic_partitions", "batch_max", "archive_batch_max", "top_keep")
     @classmethod

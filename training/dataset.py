@@ -253,3 +253,56 @@ def summary(ex: Examples) -> dict:
         "buyers": int((ex.label > 0).sum()), "mean_label": float(ex.label.mean()) if len(ex) else 0.0,
         "with_text": int(sum(1 for t in ex.texts if t)), "label_complete": ex.label_complete,
     }
+
+
+# ---- the same build on a Dask cluster ----------------------------------------------------
+def build_partition(part: int, n_parts: int, root: str, cutoffs: Sequence[float], horizon_days: float,
+                    users: str) -> tuple[list[Examples], float, int, float]:
+    """One Dask task: ``build_many`` over the archived events of partition ``part`` of
+    ``n_parts`` (by ``streams.archive.user_bucket``), read alone. Returns (examples per cutoff,
+    last event time, events, the worker's peak RSS in MiB)."""
+    from streams.archive import decode_rows, read_partition
+    from streams.distributed import peak_rss_mb
+
+    evs = list(decode_rows(read_partition(Path(root), part, n_parts)))
+    last = evs[-1].ts if evs else -math.inf
+    return build_many(evs, cutoffs, horizon_days, None, users), last, len(evs), peak_rss_mb()
+
+
+def merge_partitions(parts: Sequence[Sequence[Examples]], cutoffs: Sequence[float], horizon_days: float,
+                     last_ts: float) -> list[Examples]:
+    """Per cutoff, the partitions' examples as one, users in ``build_many``'s (sorted) order;
+    ``label_complete`` from the last event time over all partitions."""
+    out = []
+    for k, c in enumerate(cutoffs):
+        ex = [p[k] for p in parts]
+        uids = [u for e in ex for u in e.user_ids]
+        order = np.asarray(sorted(range(len(uids)), key=uids.__getitem__), dtype=np.int64)
+        texts = [t for e in ex for t in e.texts]
+
+        def cat(name: str, width: int | None = None) -> np.ndarray:
+            arrs = [getattr(e, name) for e in ex]
+            if not arrs:
+                return np.zeros((0, width) if width else 0, np.float32)
+            return np.concatenate(arrs)[order]
+
+        out.append(Examples(
+            [uids[i] for i in order], float(c), float(horizon_days), cat("features", len(FEATURE_NAMES)),
+            cat("text", TEXT_DIM), [texts[i] for i in order], cat("label"), cat("past_spend"),
+            last_ts >= c + horizon_days * DAY))
+    return out
+
+
+def build_many_dask(root: Path, cutoffs: Sequence[float], horizon_days: float, client,
+                    users: str = "active", n_parts: int = 0) -> list[Examples]:
+    """``build_many(read_events(root), cutoffs, horizon_days, None, users)``, exactly, with one
+    Dask task per user partition: no process holds the whole archive."""
+    from streams.distributed import n_partitions, run_partitions
+
+    if users not in ("active", "all"):
+        raise ValueError(f"users must be 'active' or 'all', got {users!r}")
+    if not cutoffs:
+        return []
+    res = run_partitions(client, build_partition, n_partitions(client, n_parts), str(root),
+                         [float(c) for c in cutoffs], float(horizon_days), users, desc="training sets")
+    return merge_partitions([r[0] for r in res], cutoffs, horizon_days, max(r[1] for r in res))
